@@ -1,0 +1,21 @@
+"""deltactl: delta tuning of pre-trained transformers as control of their hidden-state dynamics."""
+
+from deltactl.backbones import backbone_for
+from deltactl.control.attach import Delta, attach, attached_deltas
+from deltactl.control.combinators import chain, sum  # noqa: A004 - deltactl.sum is the sum combinator
+from deltactl.control.controller import Controller, PerSite
+from deltactl.control.io import fingerprint, load
+from deltactl.methods import REGISTRY, DeltaConfig, make_config, register
+from deltactl.methods.adapter import AdapterConfig
+from deltactl.methods.bitfit import BitFitConfig
+from deltactl.methods.lora import LoRAConfig
+from deltactl.methods.prefix import PrefixConfig
+from deltactl.methods.prompt import PromptConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "BitFitConfig", "Controller", "Delta", "DeltaConfig", "LoRAConfig", "PerSite", "PrefixConfig",
+    "PromptConfig", "REGISTRY", "attach", "attached_deltas", "backbone_for", "chain", "fingerprint", "load",
+    "make_config", "register", "sum",
+]

@@ -1,0 +1,20 @@
+"""Backbones: architecture families mapped onto canonical sites."""
+
+from deltactl.backbones.base import Backbone, Trajectory
+from deltactl.backbones.t5 import T5Backbone
+
+FAMILIES = {"t5": T5Backbone}
+
+
+def backbone_for(model) -> Backbone:
+    """The Backbone view of a transformers model, chosen by its ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"no deltactl backbone for model_type {model_type!r} ({type(model).__name__}); "
+            f"supported: {', '.join(FAMILIES)}"
+        )
+    return FAMILIES[model_type](model)
+
+
+__all__ = ["Backbone", "Trajectory", "T5Backbone", "backbone_for"]

@@ -1,0 +1,89 @@
+"""What every backbone provides: its canonical sites, hooks that run a controller at a site, a rollout."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from deltactl.control.sites import OUTPUT_KINDS, Site
+
+
+@dataclass
+class Trajectory:
+    """Residual states h⁽⁰⁾…h⁽ᴸ⁾ of each stack (h⁽⁰⁾ enters block 0, h⁽ʲ⁺¹⁾ leaves block j) and the outputs."""
+
+    states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    output: object = None
+
+    def __getitem__(self, stack: str) -> list[torch.Tensor]:
+        return self.states[stack]
+
+
+class Backbone(ABC):
+    """A frozen transformers model seen as a controlled dynamical system h⁽ʲ⁺¹⁾ = G⁽ʲ⁾(h⁽ʲ⁾, δ⁽ʲ⁾)."""
+
+    family: str
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.sites: dict[str, Site] = {s.name: s for s in self._build_sites()}
+
+    @abstractmethod
+    def _build_sites(self) -> list[Site]:
+        """All canonical sites, in the order the forward pass meets them."""
+
+    @abstractmethod
+    def blocks(self) -> dict[str, list[nn.Module]]:
+        """The step maps f⁽ʲ⁾ of each stack, in order."""
+
+    def module(self, site: Site) -> nn.Module:
+        return self.model.get_submodule(site.module)
+
+    def hook(self, site: Site, control):
+        """Run ``control`` at ``site``; returns a handle whose ``remove()`` undoes it exactly."""
+        if site.kind in OUTPUT_KINDS:
+            return self.module(site).register_forward_hook(_output_hook(control))
+        raise ValueError(f"{self.family} backbone has no {site.kind} mechanism for site {site.name!r}")
+
+    def rollout(self, **inputs) -> Trajectory:
+        """Run the model once and record the residual trajectory of every stack."""
+        traj = Trajectory()
+        handles = []
+        for stack, blocks in self.blocks().items():
+            states = traj.states.setdefault(stack, [])
+            handles.append(blocks[0].register_forward_pre_hook(_record_input(states), with_kwargs=True))
+            handles += [b.register_forward_hook(_record_output(states)) for b in blocks]
+        try:
+            traj.output = self.model(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return traj
+
+
+def _output_hook(control):
+    # The hooked value is the module's output, or the first entry when the module returns a tuple.
+    def hook(module, args, output):
+        x = args[0] if args else None
+        if isinstance(output, tuple):
+            return (control(x, output[0]), *output[1:])
+        return control(x, output)
+
+    return hook
+
+
+def _record_input(states):
+    def hook(module, args, kwargs):
+        states.append(args[0] if args else kwargs["hidden_states"])
+
+    return hook
+
+
+def _record_output(states):
+    def hook(module, args, output):
+        states.append(output[0] if isinstance(output, tuple) else output)
+
+    return hook

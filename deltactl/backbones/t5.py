@@ -1,0 +1,229 @@
+"""T5 (v1.0 and v1.1, encoder–decoder or encoder-only) mapped onto canonical sites.
+
+Per layer ``j`` of ``encoder`` and ``decoder``:
+
+- ``{stack}.j.attn.{q,k,v,o}``, ``decoder.j.cross.{q,k,v,o}``, ``{stack}.j.ffn.{wi|wi_0,wi_1,wo}``: linear
+- ``{stack}.j.attn.kv``, ``decoder.j.cross.kv``: attention memory (extra key/value rows, e.g. prefixes)
+- ``{stack}.j.{attn,cross,ffn}.ln``, ``{stack}.final_ln``: RMS layer norms
+- ``{stack}.j.{attn,cross,ffn}.out``: the sub-layer's update F(h), before it joins the residual stream
+- ``{stack}.j.out``: the residual stream leaving block j
+- ``encoder.embed``: the input sequence (extra rows placed before the tokens, e.g. soft prompts)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.t5.modeling_t5 import T5Attention, eager_attention_forward
+
+from deltactl.backbones.base import Backbone
+from deltactl.control.sites import Site
+
+_MEMORY = "_deltactl_memory"  # list of row providers set on a T5Attention while memory controllers act
+_IMPL_PREFIX = "deltactl_"
+
+
+class T5Backbone(Backbone):
+    family = "t5"
+
+    def blocks(self):
+        return {name: list(stack.block) for name, stack in self._stacks().items()}
+
+    def _stacks(self) -> dict[str, nn.Module]:
+        stacks = {"encoder": self.model.encoder}
+        if getattr(self.model, "decoder", None) is not None:
+            stacks["decoder"] = self.model.decoder
+        return stacks
+
+    def _build_sites(self):
+        cfg = self.model.config
+        d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
+        memory = {"heads": cfg.num_heads, "head_dim": cfg.d_kv, "d_model": d}
+        sites = [Site("encoder.embed", "sequence", "encoder", {"d": d})]
+        for stack_name, stack in self._stacks().items():
+            for j, block in enumerate(stack.block):
+                at = f"{stack_name}.block.{j}"
+                parts = [("attn", f"{at}.layer.0", "SelfAttention")]
+                if stack_name == "decoder":
+                    parts.append(("cross", f"{at}.layer.1", "EncDecAttention"))
+                for part, layer, attn in parts:
+                    pre = f"{stack_name}.{j}.{part}"
+                    sites.append(Site(f"{pre}.ln", "norm", f"{layer}.layer_norm", {"d": d}))
+                    for proj in "qkv":
+                        sites.append(Site(f"{pre}.{proj}", "linear", f"{layer}.{attn}.{proj}", {"in": d, "out": inner}))
+                    sites.append(Site(f"{pre}.kv", "memory", f"{layer}.{attn}", dict(memory)))
+                    sites.append(Site(f"{pre}.o", "linear", f"{layer}.{attn}.o", {"in": inner, "out": d}))
+                    sites.append(Site(f"{pre}.out", "branch", f"{layer}.{attn}", {"d": d}))
+                ffn = f"{at}.layer.{len(block.layer) - 1}"
+                pre = f"{stack_name}.{j}.ffn"
+                sites.append(Site(f"{pre}.ln", "norm", f"{ffn}.layer_norm", {"d": d}))
+                dense = block.layer[-1].DenseReluDense
+                for proj in ("wi_0", "wi_1") if hasattr(dense, "wi_0") else ("wi",):
+                    sites.append(Site(f"{pre}.{proj}", "linear", f"{ffn}.DenseReluDense.{proj}", {"in": d, "out": cfg.d_ff}))
+                sites.append(Site(f"{pre}.wo", "linear", f"{ffn}.DenseReluDense.wo", {"in": cfg.d_ff, "out": d}))
+                sites.append(Site(f"{pre}.out", "branch", f"{ffn}.DenseReluDense", {"d": d}))
+                sites.append(Site(f"{stack_name}.{j}.out", "state", at, {"d": d}))
+            sites.append(Site(f"{stack_name}.final_ln", "norm", f"{stack_name}.final_layer_norm", {"d": d}))
+        return sites
+
+    def hook(self, site, control):
+        if site.kind == "memory":
+            return _MemoryHandle(self, self.module(site), control)
+        if site.kind == "sequence":
+            return _SequenceHandle(self, control)
+        return super().hook(site, control)
+
+    def relative_bias_source(self, attention: T5Attention) -> T5Attention | None:
+        """The layer-0 self-attention holding the relative position table this attention uses."""
+        for stack in self._stacks().values():
+            first = stack.block[0].layer[0].SelfAttention
+            if any(attention is b.layer[0].SelfAttention for b in stack.block):
+                return first
+        return None  # cross-attention: T5 gives it no position bias
+
+
+# ---- attention memory: extra key/value rows in any T5 attention --------------------------------------
+
+
+class _MemoryHandle:
+    """Adds a row provider to one attention and routes that stack through the memory-aware attention."""
+
+    def __init__(self, backbone: T5Backbone, attention: T5Attention, control):
+        self.attention, self.control = attention, control
+        providers = attention.__dict__.setdefault(_MEMORY, [])
+        if not providers:
+            attention.__dict__["_deltactl_bias_source"] = backbone.relative_bias_source(attention)
+        providers.append(control)
+        config = attention.config
+        base = config._attn_implementation
+        if not base.startswith(_IMPL_PREFIX):
+            _register(base)
+            config.__dict__["_deltactl_base_impl"] = base
+            config._attn_implementation = _IMPL_PREFIX + base
+        config.__dict__["_deltactl_users"] = config.__dict__.get("_deltactl_users", 0) + 1
+
+    def remove(self):
+        providers = self.attention.__dict__[_MEMORY]
+        providers.remove(self.control)
+        if not providers:
+            del self.attention.__dict__[_MEMORY]
+            del self.attention.__dict__["_deltactl_bias_source"]
+        config = self.attention.config
+        config.__dict__["_deltactl_users"] -= 1
+        if config.__dict__["_deltactl_users"] == 0:
+            config._attn_implementation = config.__dict__.pop("_deltactl_base_impl")
+            del config.__dict__["_deltactl_users"]
+
+
+def _register(base: str) -> None:
+    name = _IMPL_PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _attention_with_memory)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+
+
+def _attention_with_memory(module, query, key, value, attention_mask, position_bias=None, **kwargs):
+    """softmax([q·Kₚᵀ + bₚ, q·Kᵀ + b]) [Vₚ; V]: the memory rows (Kₚ, Vₚ) join the keys and values."""
+    base = module.config.__dict__["_deltactl_base_impl"]
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(base, eager_attention_forward)
+    providers = module.__dict__.get(_MEMORY)
+    if not providers:
+        return attend(module, query, key, value, attention_mask, position_bias=position_bias, **kwargs)
+    rows = [provider(query.shape[0]) for provider in providers]
+    mem_k = torch.cat([k for k, _ in rows], dim=2).to(key.dtype)
+    mem_v = torch.cat([v for _, v in rows], dim=2).to(value.dtype)
+    n_mem, q_len, k_len = mem_k.shape[2], query.shape[2], key.shape[2]
+    mem_bias = _memory_bias(module, q_len, k_len, n_mem, query)
+    if position_bias is not None:
+        mem_bias = mem_bias.expand(position_bias.shape[0], -1, -1, -1)
+        position_bias = torch.cat([mem_bias.to(position_bias.dtype), position_bias], dim=-1)
+    attention_mask = _mask_with_memory(module, attention_mask, query, k_len, n_mem)
+    key, value = torch.cat([mem_k, key], dim=2), torch.cat([mem_v, value], dim=2)
+    return attend(module, query, key, value, attention_mask, position_bias=position_bias, **kwargs)
+
+
+def _memory_bias(module, q_len, k_len, n_mem, query):
+    """Relative position bias of the memory columns: the rows sit just before the first token.
+
+    This is where an autoregressive cache would put them, so decoder prefixes match prefixes passed as a
+    key/value cache (PEFT's placement); cross-attention carries no position bias in T5.
+    """
+    source = module.__dict__["_deltactl_bias_source"]
+    shape = (1, module.n_heads, q_len, n_mem)
+    if source is None:
+        return query.new_zeros(shape)
+    past = k_len - q_len  # tokens already cached in front of the queries
+    context = torch.arange(q_len, device=query.device)[:, None] + past
+    memory = torch.arange(n_mem, device=query.device)[None, :] - n_mem
+    buckets = source._relative_position_bucket(
+        memory - context,
+        bidirectional=not source.is_decoder,
+        num_buckets=source.relative_attention_num_buckets,
+        max_distance=source.relative_attention_max_distance,
+    )
+    return source.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+
+
+def _mask_with_memory(module, mask, query, k_len, n_mem):
+    """Memory columns are visible to every query; the token columns keep their mask."""
+    if mask is None:
+        if not (module.is_causal and query.shape[2] > 1):
+            return None
+        # A causal stack that relied on an implicit mask: spell it out, since the memory breaks the square shape.
+        q_len = query.shape[2]
+        pos = torch.arange(k_len, device=query.device)
+        allowed = pos[None, :] <= torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+        mask = torch.zeros(q_len, k_len, dtype=query.dtype, device=query.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]
+    mask = mask[..., -k_len:] if mask.shape[-1] > k_len else mask
+    visible = True if mask.dtype == torch.bool else 0.0
+    pad = mask.new_full((*mask.shape[:-1], n_mem), visible)
+    return torch.cat([pad, mask], dim=-1)
+
+
+# ---- input sequence: rows placed before the encoder's tokens ------------------------------------------
+
+
+class _SequenceHandle:
+    """Prepends rows to the encoder input and widens the masks that must see them."""
+
+    def __init__(self, backbone: T5Backbone, control):
+        stacks = backbone._stacks()
+        self.handles = [stacks["encoder"].register_forward_pre_hook(_prepend_rows(control), with_kwargs=True)]
+        if "decoder" in stacks:
+            self.handles.append(stacks["decoder"].register_forward_pre_hook(_widen_encoder_mask, with_kwargs=True))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+_STACK_ARGS = ("input_ids", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "inputs_embeds")
+
+
+def _prepend_rows(control):
+    def hook(stack, args, kwargs):
+        kwargs = {**dict(zip(_STACK_ARGS, args)), **kwargs}
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = stack.embed_tokens(kwargs["input_ids"])
+        rows = control(embeds).to(embeds.dtype)
+        kwargs["inputs_embeds"], kwargs["input_ids"] = torch.cat([rows, embeds], dim=1), None
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], rows.shape[1]), mask], dim=1)
+        return (), kwargs
+
+    return hook
+
+
+def _widen_encoder_mask(stack, args, kwargs):
+    kwargs = {**dict(zip(_STACK_ARGS, args)), **kwargs}
+    states, mask = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
+    if states is not None and mask is not None and mask.shape[1] < states.shape[1]:
+        extra = mask.new_ones(mask.shape[0], states.shape[1] - mask.shape[1])
+        kwargs["encoder_attention_mask"] = torch.cat([extra, mask], dim=1)
+    return (), kwargs

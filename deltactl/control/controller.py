@@ -1,0 +1,45 @@
+"""The Controller: δ (its parameters) and the control law G_θ(h, δ) it applies at each of its sites."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+
+from deltactl.control.sites import Site
+
+
+class Controller(nn.Module):
+    """Base of every controller: a set of sites and ``control(site, *payload)``, the law at each.
+
+    The payload follows the site kind (see ``deltactl.control.sites``). The law reads δ only through
+    ``self``'s parameters, so ``torch.func.functional_call`` on the model swaps δ like any weight.
+    """
+
+    def __init__(self, config, sites: list[Site]):
+        super().__init__()
+        self.config = config
+        self.sites = list(sites)
+
+    def control(self, site: str, *payload):
+        raise NotImplementedError
+
+    def controls(self) -> list[tuple[Site, object]]:
+        """(site, law) pairs, in the order they are installed."""
+        return [(site, partial(self.control, site.name)) for site in self.sites]
+
+
+def site_key(name: str) -> str:
+    """Module-dict key for a site name (module names may not contain dots)."""
+    return name.replace(".", "__")
+
+
+class PerSite(Controller):
+    """A controller made of one independent module per site; ``module(x, y)`` or ``module(batch)`` is the law."""
+
+    def __init__(self, config, sites: list[Site], layers: dict[str, nn.Module]):
+        super().__init__(config, sites)
+        self.layers = nn.ModuleDict({site_key(name): layer for name, layer in layers.items()})
+
+    def control(self, site, *payload):
+        return self.layers[site_key(site)](*payload)

@@ -1,0 +1,78 @@
+"""Canonical sites: the named places of a backbone where a controller can act, and their selection."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+
+# What a controller at a site receives and returns (the hook protocol of each kind):
+#   linear, norm, branch, state:  y' = G(x, y)  — x the module's input, y its output (same shape as y')
+#   memory:   rows(batch) -> (keys, values), each (batch, heads, rows, head_dim), extra attention memory
+#   sequence: rows(embeds) -> (batch, rows, d_model), extra input rows placed before the sequence
+OUTPUT_KINDS = frozenset({"linear", "norm", "branch", "state"})
+KINDS = OUTPUT_KINDS | {"memory", "sequence"}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place where a controller can act.
+
+    Args:
+        name: canonical name, e.g. ``"encoder.3.attn.q"`` or ``"decoder.1.cross.kv"``.
+        kind: one of ``KINDS``; fixes the hook protocol (see above).
+        module: dotted path of the backbone module the site hooks.
+        dims: kind-specific sizes: linear ``in``/``out``; norm, branch, state, sequence ``d``;
+            memory ``heads``/``head_dim``.
+    """
+
+    name: str
+    kind: str
+    module: str
+    dims: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def stack(self) -> str:
+        return self.name.split(".")[0]
+
+    @property
+    def layer(self) -> int | None:
+        part = self.name.split(".")[1]
+        return int(part) if part.isdigit() else None
+
+
+def select(patterns, sites: dict[str, Site], kinds=KINDS, method: str = "controller") -> list[Site]:
+    """Sites matched by glob patterns (``*`` within and across dots), in backbone order.
+
+    Every pattern must match at least one site of an accepted kind; otherwise the error names the
+    pattern, what it did match, and the closest valid names.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chosen: set[str] = set()
+    for pattern in patterns:
+        hits = [n for n in sites if fnmatch.fnmatchcase(n, pattern)]
+        usable = [n for n in hits if sites[n].kind in kinds]
+        if not usable:
+            raise ValueError(_no_match_message(pattern, hits, sites, kinds, method))
+        chosen.update(usable)
+    return [site for name, site in sites.items() if name in chosen]
+
+
+def _no_match_message(pattern, hits, sites, kinds, method) -> str:
+    accepted = ", ".join(sorted(kinds))
+    if hits:
+        found = sorted({sites[n].kind for n in hits})
+        return (
+            f"site pattern {pattern!r} matches only {', '.join(found)} sites (e.g. {hits[0]!r}), "
+            f"but {method} acts on {accepted} sites"
+        )
+    valid = [n for n, s in sites.items() if s.kind in kinds]
+    close = difflib.get_close_matches(pattern, valid, n=5, cutoff=0.4)
+    if not close:  # a glob rarely resembles a name: compare its last parts instead
+        tail = pattern.split(".")[-1]
+        close = sorted({n for n in valid if n.endswith("." + tail)})[:5] or valid[:5]
+    return (
+        f"site pattern {pattern!r} matches no {accepted} site of this model; "
+        f"closest valid names: {', '.join(close)}"
+    )
