@@ -43,9 +43,18 @@ P = 3  # virtual tokens (prompt rows / prefix rows)
 GENERATE_VARIANTS = ["v1_0", "v1_1"]
 
 
-def _pair(variant):
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread is faster, and immune to contention from other processes on the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pair(variant, **overrides):
     """The tiny T5 of a variant (for deltactl) and an identical deep copy (for PEFT), made before any delta."""
-    model = tiny_t5(**VARIANTS[variant])
+    model = tiny_t5(**{**VARIANTS[variant], **overrides})
     return model, copy.deepcopy(model)
 
 
@@ -171,8 +180,8 @@ def _peft_slots(layer: int, n_layers: int) -> tuple[int, int]:
     return 4 * layer % (2 * n_layers), (4 * layer + 1) % (2 * n_layers)
 
 
-def _prefix_pair(variant):
-    model, ref = _pair(variant)
+def _prefix_pair(variant, **overrides):
+    model, ref = _pair(variant, **overrides)
     cfg = model.config
     heads, head_dim, n_layers = cfg.num_heads, cfg.d_kv, cfg.num_decoder_layers
     delta = dc.attach(model, "prefix", length=P, reparameterize=False, sites=("decoder.*.attn.kv",))
@@ -257,5 +266,19 @@ def test_prefix_generate_matches_peft(variant):
     # as cached tokens (position bias with past_seen_tokens = p + step).
     tokens, scores = _greedy(model, batch, new_tokens=6)
     ref_tokens, ref_scores = _greedy(peft_model, batch, new_tokens=6)
+    assert torch.equal(tokens, ref_tokens)
+    assert _max_diff(scores, ref_scores) < TOL
+
+
+@pytest.mark.parametrize("variant", GENERATE_VARIANTS)
+def test_prefix_sdpa_matches_peft(variant):
+    """Under sdpa, transformers passes no mask where none is needed: deltactl then spells out the causal mask."""
+    model, _, peft_model, _, _ = _prefix_pair(variant, attn_implementation="sdpa")
+    batch = tiny_batch()
+    batch["attention_mask"].fill_(1)  # no padding anywhere: the masks handed to attention are None
+    with torch.no_grad():
+        assert _max_diff(model(**batch).logits, peft_model(**batch).logits) < TOL
+    tokens, scores = _greedy(model, batch)
+    ref_tokens, ref_scores = _greedy(peft_model, batch)
     assert torch.equal(tokens, ref_tokens)
     assert _max_diff(scores, ref_scores) < TOL
