@@ -11,7 +11,7 @@ Checked (in practice the two sides agree bit for bit):
 - Prefix-tuning in decoder self-attention, the only place PEFT puts prefixes on T5 (it passes them as a key/value
   cache): deltactl's rows written into PEFT's prefix embedding in PEFT's layout (``_peft_slots``); logits with and
   without a padded ``decoder_attention_mask`` (PEFT widens it with ones; deltactl's memory columns are always
-  visible), loss, gradients, and greedy ``generate()``.
+  visible), loss, gradients, and greedy ``generate()``; also under sdpa, where the attention gets no mask at all.
 
 Where deltactl goes further than PEFT:
 
