@@ -36,7 +36,7 @@ def test_unknown_site_names_the_closest_valid_ones():
         select(["encoder.0.atn.q"], sites, {"linear"}, "lora")
     with pytest.raises(ValueError, match=r"matches only memory sites .* but lora acts on linear sites"):
         select(["*.kv"], sites, {"linear"}, "lora")
-    with pytest.raises(ValueError, match=r"\*\.cross\.q. matches no linear site.*closest valid names: encoder\.0\.attn\.q"):
+    with pytest.raises(ValueError, match=r"cross\.q. matches no linear site.*closest valid names: encoder\.0\.attn\.q"):
         dc.attach(tiny_t5(encoder_only=True), "lora", sites=("*.cross.q",))
 
 

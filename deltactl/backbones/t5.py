@@ -62,7 +62,8 @@ class T5Backbone(Backbone):
                 sites.append(Site(f"{pre}.ln", "norm", f"{ffn}.layer_norm", {"d": d}))
                 dense = block.layer[-1].DenseReluDense
                 for proj in ("wi_0", "wi_1") if hasattr(dense, "wi_0") else ("wi",):
-                    sites.append(Site(f"{pre}.{proj}", "linear", f"{ffn}.DenseReluDense.{proj}", {"in": d, "out": cfg.d_ff}))
+                    dims = {"in": d, "out": cfg.d_ff}
+                    sites.append(Site(f"{pre}.{proj}", "linear", f"{ffn}.DenseReluDense.{proj}", dims))
                 sites.append(Site(f"{pre}.wo", "linear", f"{ffn}.DenseReluDense.wo", {"in": cfg.d_ff, "out": d}))
                 sites.append(Site(f"{pre}.out", "branch", f"{ffn}.DenseReluDense", {"d": d}))
                 sites.append(Site(f"{stack_name}.{j}.out", "state", at, {"d": d}))
