@@ -14,16 +14,21 @@ How it is measured, per T5 shape:
 3. Step time: a step is forward with labels, backward, ``AdamW.step()`` on the trainable parameters,
    ``zero_grad()``. After a few warm-up steps per side, ``--rounds`` rounds each time ``--steps``
    steps of one side and then the other, the order alternating from round to round; a side's time is
-   the median over rounds of its mean step time in the round.
+   the median over rounds of its mean step time in the round. The table also gives the median over
+   rounds of the ratio deltactl/PEFT within a round, which slow drifts in machine load cancel out of,
+   and a warning when the load average shows other processes competing for the CPU.
 4. Peak memory: each side runs alone in a fresh subprocess that builds the same model, attaches its
-   LoRA and runs one warm-up step (which allocates the AdamW state and loads anything loaded lazily).
+   LoRA (to the model itself, no copy) and runs one warm-up step (which allocates the AdamW state and
+   loads anything loaded lazily).
    On CPU, torch keeps no peak-allocation counter, so the subprocess resets the kernel's resident-set
    high-water mark (``/proc/self/clear_refs``), runs the measured steps and reports
    peak RSS - RSS before those steps, i.e. the peak extra memory of a step (activations kept for
    backward, gradients, temporaries). glibc is told to serve every allocation above 64 KiB with mmap
    (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the resident set rather than being kept in
-   the heap. Where the high-water mark cannot be reset, the fallback is ``ru_maxrss`` over a baseline
-   taken right after the model is built, before any step (which then also counts the AdamW state).
+   the heap (without it the retained heap hides most of a step's memory, unequally between runs).
+   Where the high-water mark cannot be reset (not Linux), the fallback is ``ru_maxrss`` over a
+   baseline taken right after the model is built, before any step; it also counts the AdamW state,
+   and it undercounts when building the model peaked higher than the memory the model then holds.
    On CUDA the same window is measured with ``torch.cuda.max_memory_allocated`` after
    ``reset_peak_memory_stats``, minus the memory allocated before the steps.
 
@@ -83,9 +88,9 @@ def attach_peft(model):
     return get_peft_model(model, config)
 
 
-def make_side(side: str, base):
-    """(model to call, handle): the deltactl Delta or the PEFT model as handle."""
-    model = copy.deepcopy(base)
+def make_side(side: str, base, copy_base: bool = True):
+    """(model to call, handle): the deltactl Delta or the PEFT model as handle; ``base`` is copied first."""
+    model = copy.deepcopy(base) if copy_base else base
     if side == "deltactl":
         model, delta = attach_deltactl(model)
         return model, delta
@@ -185,17 +190,38 @@ def time_steps(model, batch, optimizer, steps: int, device: str) -> float:
 
 
 def time_sides(runs: dict, batch, warmup: int, steps: int, rounds: int, device: str) -> dict:
-    """Median per-step seconds of each side, the sides alternating order from round to round."""
+    """Per-step seconds of each side per round, the sides alternating order from round to round.
+
+    Returns each side's median over rounds, and the median over rounds of the ratio deltactl/PEFT
+    within a round (both sides of a round ran back to back, so slow drifts in machine load cancel).
+    """
     for model, optimizer in runs.values():
         for _ in range(warmup):
             train_step(model, batch, optimizer)
     per_round = {side: [] for side in runs}
     order = list(runs)
+    load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
     for r in range(rounds):
         for side in order if r % 2 == 0 else order[::-1]:
             model, optimizer = runs[side]
             per_round[side].append(time_steps(model, batch, optimizer, steps, device))
-    return {side: {"median_s": statistics.median(ts), "rounds_s": ts} for side, ts in per_round.items()}
+    if load:
+        load.append(os.getloadavg()[0])
+    out = {side: {"median_s": statistics.median(ts), "rounds_s": ts} for side, ts in per_round.items()}
+    out["paired_ratio"] = statistics.median(a / b for a, b in zip(per_round["deltactl"], per_round["peft"]))
+    out["load_average_1min"] = load
+    return out
+
+
+def contention_note(timing: dict, threads: int, device: str) -> str | None:
+    """A warning when other processes probably competed for the CPU during the timing."""
+    if device.startswith("cuda") or not timing["load_average_1min"]:
+        return None
+    others = max(timing["load_average_1min"]) - threads  # this process keeps about `threads` cores busy
+    if others > max(0.75, (os.cpu_count() or 1) - threads):
+        return (f"warning: 1-min load average reached {max(timing['load_average_1min']):.2f} with {threads} torch "
+                f"threads on {os.cpu_count()} cores: other processes competed for the CPU, timings are noisy")
+    return None
 
 
 # ---- peak memory (run in a fresh subprocess per side) ---------------------------------------------
@@ -225,9 +251,7 @@ def _reset_hwm() -> bool:
 
 def measure_memory(side: str, shape: str, size, steps: int, seed: int, device: str) -> dict:
     """Peak extra memory (bytes) of ``steps`` training steps of one side, in this (fresh) process."""
-    base = build_base(shape, seed, device)
-    model, _ = make_side(side, base)
-    del base
+    model, _ = make_side(side, build_base(shape, seed, device), copy_base=False)  # no copy: no transient peak
     batch = make_batch(model.config.vocab_size, *size, seed=seed + 1, device=device)
     optimizer = make_optimizer(model)
     if device.startswith("cuda"):
@@ -277,8 +301,14 @@ def sizes_for(shape: str, args) -> tuple[int, int, int]:
     return tuple(g if g is not None else d for g, d in zip(given, default))
 
 
+def steps_for(shape: str, args) -> int:
+    if args.steps is not None:
+        return args.steps
+    return 20 if shape == "t5-tiny" or args.device.startswith("cuda") else 2
+
+
 def bench_shape(shape: str, args) -> dict:
-    size = sizes_for(shape, args)
+    size, steps = sizes_for(shape, args), steps_for(shape, args)
     base = build_base(shape, args.seed, args.device)
     dc_model, delta = make_side("deltactl", base)
     peft_model, _ = make_side("peft", base)
@@ -289,11 +319,12 @@ def bench_shape(shape: str, args) -> dict:
               "peft": sum(p.numel() for p in trainable(peft_model))}
     del base
     runs = {"deltactl": (dc_model, make_optimizer(dc_model)), "peft": (peft_model, make_optimizer(peft_model))}
-    timing = time_sides(runs, batch, args.warmup, args.steps, args.rounds, args.device)
+    timing = time_sides(runs, batch, args.warmup, steps, args.rounds, args.device)
     del runs, dc_model, peft_model, delta
     gc.collect()
     memory = {side: memory_in_subprocess(side, shape, size, args) for side in SIDES}
-    return {"shape": shape, "batch": size[0], "source_len": size[1], "target_len": size[2],
+    return {"shape": shape, "batch": size[0], "source_len": size[1], "target_len": size[2], "steps": steps,
+            "rounds": args.rounds, "warmup": args.warmup, "memory_steps": args.memory_steps,
             "trainable_params": counts, "parity": parity, "step_time": timing, "peak_memory": memory}
 
 
@@ -315,17 +346,25 @@ def print_shape(result: dict, args) -> None:
     ms = {s: t[s]["median_s"] * 1e3 for s in SIDES}
     mib = {s: m[s]["peak_bytes"] / MIB for s in SIDES}
     spread = {s: f"{min(t[s]['rounds_s']) * 1e3:.1f}-{max(t[s]['rounds_s']) * 1e3:.1f}" for s in SIDES}
+    same = "equal" if n["deltactl"] == n["peft"] else "DIFFER"
     rows = [
         ("step time, median (ms)", f"{ms['deltactl']:.2f}", f"{ms['peft']:.2f}", ratio(ms["deltactl"], ms["peft"])),
         ("  range over rounds (ms)", spread["deltactl"], spread["peft"], ""),
-        ("peak extra memory (MiB)", f"{mib['deltactl']:.1f}", f"{mib['peft']:.1f}", ratio(mib["deltactl"], mib["peft"])),
-        ("trainable parameters", f"{n['deltactl']:,}", f"{n['peft']:,}", "equal" if n["deltactl"] == n["peft"] else "DIFFER"),
+        ("  ratio within a round", "", "", f"{t['paired_ratio']:.3f}"),
+        ("peak extra memory (MiB)", f"{mib['deltactl']:.1f}", f"{mib['peft']:.1f}",
+         ratio(mib["deltactl"], mib["peft"])),
+        ("trainable parameters", f"{n['deltactl']:,}", f"{n['peft']:,}", same),
     ]
     print(f"{'':26}{'deltactl':>14}{'PEFT':>14}{'deltactl/PEFT':>16}")
     for label, a, b, r in rows:
         print(f"{label:26}{a:>14}{b:>14}{r:>16}")
-    print(f"  (time: {args.rounds} rounds x {args.steps} steps per side after {args.warmup} warm-up steps; "
-          f"memory: {m['deltactl']['method']}, {args.memory_steps} steps, fresh process per side)")
+    print(f"  time: {result['rounds']} rounds x {result['steps']} steps per side after {result['warmup']} warm-up "
+          f"steps, sides alternating; ratio within a round: median over rounds")
+    print(f"  memory: peak extra memory of {result['memory_steps']} steps over the memory before them, "
+          f"{m['deltactl']['method']}, one fresh process per side")
+    note = contention_note(t, args.threads, args.device)
+    if note:
+        print("  " + note)
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -339,8 +378,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=None, help="batch size (default per shape)")
     ap.add_argument("--source-len", type=int, default=None, help="encoder length (default per shape)")
     ap.add_argument("--target-len", type=int, default=None, help="label length (default per shape)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per side per round (default 20 tiny, 3 else)")
-    ap.add_argument("--rounds", type=int, default=4, help="timing rounds; the sides alternate order")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per side per round (default 20 for t5-tiny and on CUDA, else 2)")
+    ap.add_argument("--rounds", type=int, default=6, help="timing rounds; the sides alternate order")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps per side before timing")
     ap.add_argument("--memory-steps", type=int, default=2, help="steps measured in each memory subprocess")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -352,10 +392,6 @@ def parse_args(argv=None):
     if args.shapes is None:
         args.shapes = ["t5-tiny", "t5-small"] + (["t5-base"] if args.device.startswith("cuda") else [])
     return args
-
-
-def steps_for(shape: str, args) -> int:
-    return args.steps if args.steps is not None else (20 if shape == "t5-tiny" else 3)
 
 
 def environment(args) -> dict:
@@ -379,14 +415,10 @@ def main(argv=None) -> None:
     print("deltactl LoRA vs PEFT LoRA (r=8 on q, v; alpha 16; dropout 0), float32, train mode")
     print(", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
     results = []
-    steps_option = args.steps
     for shape in args.shapes:
-        args.steps = steps_for(shape, args)
         result = bench_shape(shape, args)
-        result["steps"], result["rounds"], result["warmup"] = args.steps, args.rounds, args.warmup
         print_shape(result, args)
         results.append(result)
-        args.steps = steps_option
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "results": results}, f, indent=2)

@@ -43,3 +43,7 @@ class PerSite(Controller):
 
     def control(self, site, *payload):
         return self.layers[site_key(site)](*payload)
+
+    def controls(self):
+        # The per-site module itself is the law: no name lookup on the hot path.
+        return [(site, self.layers[site_key(site.name)]) for site in self.sites]

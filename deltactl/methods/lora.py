@@ -37,10 +37,11 @@ class LoRALayer(nn.Module):
         self.B = nn.Parameter(torch.zeros(d_out, cfg.r))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear and PEFT initialise A
         self.scale = cfg.alpha / cfg.r
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
 
     def forward(self, x, y):
-        return y + lora_update(self.dropout(x), self.A, self.B, self.scale)
+        x = x if self.dropout is None else self.dropout(x)
+        return y + lora_update(x, self.A, self.B, self.scale)
 
 
 def build(cfg, backbone, sites):
