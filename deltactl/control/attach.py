@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from deltactl.backbones import backbone_for
@@ -138,7 +137,3 @@ def base_named_parameters(model):
 def attached_deltas(model) -> dict[str, Controller]:
     root = model._modules.get(ROOT)
     return dict(root.items()) if root is not None else {}
-
-
-def trainable_parameters(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
