@@ -1,0 +1,1 @@
+"""Training: the loop (resumable, best-δ keeping), task models, and whole runs."""

@@ -1,0 +1,169 @@
+"""The training loop: AdamW, warm-up + linear decay, periodic evaluation, best-δ keeping, early stopping, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from deltactl.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one run."""
+
+    lr: float = 1e-3
+    epochs: float = 3.0
+    batch_size: int = 32
+    warmup: float = 0.06  # share of the steps spent warming up the learning rate
+    weight_decay: float = 0.0
+    eval_every: int = 100  # steps between evaluations (and checkpoints)
+    patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    stop_after: int | None = None  # halt after this many steps, leaving a checkpoint to resume from
+
+
+@dataclass
+class Outcome:
+    best_metric: float | None
+    best_step: int | None
+    steps: int
+    status: str  # "finished", "early-stopped", "halted", "diverged"
+    seconds: float
+
+
+def fit(
+    model: torch.nn.Module,
+    trainable: dict[str, torch.nn.Parameter],
+    train_set: list,
+    collate: Callable[[list], dict],
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+    evaluate: Callable[[], dict],
+    main_metric: str,
+    config: TrainConfig,
+    out: Path,
+    save_best: Callable[[Path], None],
+) -> Outcome:
+    """Train ``trainable`` on ``train_set``; every ``eval_every`` steps evaluate, log, keep the best, checkpoint.
+
+    Rerunning with the same ``out`` continues from the last checkpoint and ends with the same δ as an
+    uninterrupted run: the data order is a function of (seed, epoch), and the RNG state is checkpointed.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total = max(1, math.ceil(config.epochs * steps_per_epoch))
+    decay = [p for n, p in trainable.items() if p.ndim > 1]
+    no_decay = [p for n, p in trainable.items() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    warm = max(1, round(config.warmup * total))
+    schedule = lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    progress = {"step": 0, "best_metric": None, "best_step": None, "bad_evals": 0, "seconds": 0.0}
+    if has_checkpoint(out / "checkpoint"):
+        progress = load_checkpoint(out / "checkpoint", trainable, optimizer, scheduler)
+        _truncate_log(out / "log.jsonl", progress["step"])
+        accelerator.print(f"resuming from step {progress['step']} of {total} ({out / 'checkpoint'})")
+    else:
+        torch.manual_seed(config.seed)
+        (out / "log.jsonl").write_text("")
+    started = time.perf_counter() - progress["seconds"]
+
+    def checkpoint():
+        progress["seconds"] = time.perf_counter() - started
+        save_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, progress)
+
+    status = "finished"
+    bar = tqdm(total=total, initial=progress["step"], desc="train", disable=not accelerator.is_main_process)
+    while progress["step"] < total and status == "finished":
+        epoch, done = divmod(progress["step"], steps_per_epoch)
+        for batch in _epoch_batches(accelerator, train_set, collate, config, epoch, skip=done):
+            model.train()
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                status = "diverged"
+                kept = (
+                    f"the best δ so far (step {progress['best_step']}) is kept in {out / 'best'}"
+                    if progress["best_step"] else "no evaluation had run yet, so no δ was kept"
+                )
+                accelerator.print(
+                    f"stopping: the training loss became {loss.item()} at step {progress['step'] + 1}; {kept}. "
+                    "Lower the learning rate (--lr) or the warm-up share and rerun with a new --out."
+                )
+                break
+            accelerator.backward(loss)
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress["step"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            step = progress["step"]
+            if step % config.eval_every == 0 or step == total:
+                status = _evaluate(model, evaluate, main_metric, config, progress, loss.item(), out, save_best)
+                checkpoint()
+            if status == "finished" and config.stop_after and step >= config.stop_after and step < total:
+                if step % config.eval_every:
+                    checkpoint()
+                status = "halted"
+            if status != "finished" or step >= total:
+                break
+    bar.close()
+    seconds = time.perf_counter() - started
+    outcome = Outcome(progress["best_metric"], progress["best_step"], progress["step"], status, seconds)
+    (out / "outcome.json").write_text(json.dumps(asdict(outcome), indent=1) + "\n")
+    return outcome
+
+
+def _epoch_batches(accelerator, train_set, collate, config, epoch, skip):
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    order = torch.randperm(len(train_set), generator=generator).tolist()
+    # The loader's own generator keeps it from drawing on the global RNG (which drives dropout and is
+    # checkpointed): starting an epoch then costs the same whether the run was resumed or not.
+    loader = DataLoader(Subset(train_set, order), batch_size=config.batch_size, collate_fn=collate, generator=generator)
+    loader = accelerator.prepare(loader)
+    return accelerator.skip_first_batches(loader, skip) if skip else loader
+
+
+def _evaluate(model, evaluate, main_metric, config, progress, loss, out, save_best) -> str:
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate()
+    value = metrics[main_metric]
+    improved = progress["best_metric"] is None or value > progress["best_metric"]
+    if improved:
+        progress.update(best_metric=value, best_step=progress["step"], bad_evals=0)
+        save_best(out / "best")
+    else:
+        progress["bad_evals"] += 1
+    entry = {"step": progress["step"], "train_loss": loss, **metrics, "best": improved}
+    with open(out / "log.jsonl", "a") as log:
+        log.write(json.dumps(entry) + "\n")
+    if config.patience and progress["bad_evals"] >= config.patience:
+        return "early-stopped"
+    return "finished"
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop evaluations logged after the checkpoint we resume from (they will be redone)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
