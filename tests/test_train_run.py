@@ -1,0 +1,101 @@
+"""Whole runs: a local T5 checkpoint trains text-to-text end to end; kill and rerun resumes; eval; bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+from deltactl.tasks import data_dir
+from deltactl.train import run
+
+try:
+    DATA = data_dir()
+except FileNotFoundError:  # the real data is not on this machine
+    DATA = None
+needs_data = pytest.mark.skipif(DATA is None, reason="the benchmark data folder (../shared/data) is absent")
+
+
+@pytest.fixture(scope="module")
+def t5_folder(tmp_path_factory):
+    """A tiny random T5 saved as an ordinary checkpoint, with MiniLM's WordPiece tokenizer beside it."""
+    folder = tmp_path_factory.mktemp("t5")
+    tokenizer = AutoTokenizer.from_pretrained(run.default_model_path())
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2,
+        decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.sep_token_id, dropout_rate=0.0,
+    )
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def spec(method, model=None, **train):
+    settings = {"epochs": 1.0, "batch_size": 8, "eval_every": 2, "lr": 1e-2, **train}
+    return run.resolve(method, "sst2", settings, model=model and str(model), kshot_seed=13, max_length=32)
+
+
+@needs_data
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "ft"])
+def test_t5_checkpoint_trains_text_to_text(t5_folder, tmp_path, method):
+    outcome = run.train(spec(method, t5_folder), tmp_path / "run", data=DATA)
+    assert outcome.status == "finished" and outcome.steps == 4  # 32 examples, batch 8
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [2, 4] and all(0.0 <= e["accuracy"] <= 1.0 for e in log)
+    metrics = run.evaluate_run(tmp_path / "run", "dev", data=DATA)
+    assert metrics["accuracy"] == outcome.best_metric  # the kept δ is the best evaluation's
+    if method != "ft":
+        assert (tmp_path / "run" / "best" / "delta" / "delta.json").exists()
+
+
+@needs_data
+def test_rerun_with_other_settings_is_refused(t5_folder, tmp_path):
+    run.train(spec("lora", t5_folder, epochs=0.25), tmp_path / "run", data=DATA)
+    with pytest.raises(ValueError, match="holds a run with other settings"):
+        run.train(spec("lora", t5_folder, lr=0.5), tmp_path / "run", data=DATA)
+
+
+def _train_command(out, folder, stop_after=None):
+    argv = [sys.executable, "-m", "deltactl.cli", "train", "--method", "lora:r=4", "--task", "sst2",
+            "--kshot-seed", "13", "--model", str(folder), "--out", str(out), "--epochs", "3", "--batch-size", "4",
+            "--eval-every", "3", "--lr", "0.01", "--max-length", "32", "--data", str(DATA)]
+    return argv + (["--stop-after", str(stop_after)] if stop_after else [])
+
+
+@needs_data
+def test_killed_run_resumes_to_the_same_delta(t5_folder, tmp_path):
+    """Kill -9 the training process after its first checkpoint, rerun the same command: same δ as one run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_train_command(tmp_path / "whole", t5_folder), check=True, env=env, capture_output=True)
+    process = subprocess.Popen(_train_command(tmp_path / "killed", t5_folder), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "checkpoint" / "state.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    progress = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["progress"]
+    assert progress["step"] < 24  # it was killed before the end
+    resumed = subprocess.run(_train_command(tmp_path / "killed", t5_folder), check=True, env=env,
+                             capture_output=True, text=True)
+    assert "resuming from step" in resumed.stdout
+    from safetensors.torch import load_file
+
+    whole = load_file(str(tmp_path / "whole" / "checkpoint" / "state.safetensors"))
+    again = load_file(str(tmp_path / "killed" / "checkpoint" / "state.safetensors"))
+    assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+    assert (Path(tmp_path / "whole" / "log.jsonl").read_text().splitlines()
+            == Path(tmp_path / "killed" / "log.jsonl").read_text().splitlines())
+
+
+def test_missing_run_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no best δ yet: train it first"):
+        run.evaluate_run(tmp_path / "nothing")
