@@ -1,8 +1,17 @@
-"""Tiny deterministic T5 fixtures (random init, eager attention, float64)."""
+"""Tiny deterministic fixtures (random init, eager attention, float64): T5 variants and BERT."""
+
+from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+)
 
 VOCAB = 64
 
@@ -48,3 +57,70 @@ def t5(request):
 @pytest.fixture
 def batch():
     return tiny_batch()
+
+
+# ---- BERT --------------------------------------------------------------------------------------------------------
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    fields = dict(
+        vocab_size=VOCAB, hidden_size=16, num_attention_heads=2, intermediate_size=24, num_hidden_layers=2,
+        max_position_embeddings=32, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        num_labels=3, pad_token_id=0, attn_implementation="eager",
+    )
+    fields.update(overrides)
+    return BertConfig(**fields)
+
+
+def tiny_bert(seed=0, dtype=torch.float64, head=True, **overrides):
+    """A BertForSequenceClassification (the BertModel at ``bert``), or a bare BertModel without ``head``."""
+    torch.manual_seed(seed)
+    cls = BertForSequenceClassification if head else BertModel
+    return cls(tiny_bert_config(**overrides)).to(dtype).eval()
+
+
+def tiny_bert_batch(seed=1, batch=2, length=6):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, length - 2 :] = 0  # one padded row, so masks matter
+    types = torch.zeros(batch, length, dtype=torch.long)
+    types[:, length // 2 :] = 1  # a second segment, so token types matter
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+# ---- the models the conformance suite runs on --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """A family and variant: a fresh model, a batch, the outputs compared, and a forward pass with a loss."""
+
+    family: str
+    variant: dict
+
+    def model(self, seed=0):
+        return tiny_t5(seed, **self.variant) if self.family == "t5" else tiny_bert(seed, **self.variant)
+
+    def batch(self):
+        return tiny_batch() if self.family == "t5" else tiny_bert_batch()
+
+    def outputs(self, model, batch):
+        """T5: encoder states and logits; BERT: last hidden state, pooler output and classifier logits."""
+        if self.family == "t5":
+            out = model(**batch)
+            return out.encoder_last_hidden_state, out.logits
+        inner = model.bert(**batch)
+        return inner.last_hidden_state, inner.pooler_output, model(**batch).logits
+
+    def with_labels(self, batch):
+        labels = batch["decoder_input_ids"] if self.family == "t5" else torch.tensor([0, 2])
+        return {**batch, "labels": labels}
+
+
+CASES = {f"t5_{name}": Case("t5", variant) for name, variant in VARIANTS.items()} | {"bert": Case("bert", {})}
+
+
+@pytest.fixture(params=list(CASES))
+def case(request):
+    return CASES[request.param]

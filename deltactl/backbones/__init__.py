@@ -1,9 +1,10 @@
 """Backbones: architecture families mapped onto canonical sites."""
 
 from deltactl.backbones.base import Backbone, Trajectory
+from deltactl.backbones.bert import BertBackbone
 from deltactl.backbones.t5 import T5Backbone
 
-FAMILIES = {"t5": T5Backbone}
+FAMILIES = {"t5": T5Backbone, "bert": BertBackbone}
 
 
 def backbone_for(model) -> Backbone:
@@ -17,4 +18,4 @@ def backbone_for(model) -> Backbone:
     return FAMILIES[model_type](model)
 
 
-__all__ = ["Backbone", "Trajectory", "T5Backbone", "backbone_for"]
+__all__ = ["Backbone", "BertBackbone", "Trajectory", "T5Backbone", "backbone_for"]

@@ -42,6 +42,10 @@ class Backbone(ABC):
     def module(self, site: Site) -> nn.Module:
         return self.model.get_submodule(site.module)
 
+    def input_embeddings(self) -> nn.Embedding:
+        """The token embedding table the input sequence is looked up in."""
+        return self.model.get_input_embeddings()
+
     def hook(self, site: Site, control):
         """Run ``control`` at ``site``; returns a handle whose ``remove()`` undoes it exactly."""
         if site.kind in OUTPUT_KINDS:

@@ -12,18 +12,15 @@ Per layer ``j`` of ``encoder`` and ``decoder``:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.t5.modeling_t5 import T5Attention, eager_attention_forward
 
 from deltactl.backbones.base import Backbone
+from deltactl.backbones.memory import MemoryHandle
 from deltactl.control.sites import Site
-
-_MEMORY = "_deltactl_memory"  # list of row providers set on a T5Attention while memory controllers act
-_IMPL_PREFIX = "deltactl_"
 
 
 class T5Backbone(Backbone):
@@ -72,7 +69,9 @@ class T5Backbone(Backbone):
 
     def hook(self, site, control):
         if site.kind == "memory":
-            return _MemoryHandle(self, self.module(site), control)
+            attention = self.module(site)
+            widen = partial(_widen_position_bias, self.relative_bias_source(attention))
+            return MemoryHandle(attention, control, eager_attention_forward, widen)
         if site.kind == "sequence":
             return _SequenceHandle(self, control)
         return super().hook(site, control)
@@ -86,73 +85,25 @@ class T5Backbone(Backbone):
         return None  # cross-attention: T5 gives it no position bias
 
 
-# ---- attention memory: extra key/value rows in any T5 attention --------------------------------------
+# ---- attention memory: the shared mechanism, with T5's relative position bias over the memory columns ----------
 
 
-class _MemoryHandle:
-    """Adds a row provider to one attention and routes that stack through the memory-aware attention."""
-
-    def __init__(self, backbone: T5Backbone, attention: T5Attention, control):
-        self.attention, self.control = attention, control
-        providers = attention.__dict__.setdefault(_MEMORY, [])
-        if not providers:
-            attention.__dict__["_deltactl_bias_source"] = backbone.relative_bias_source(attention)
-        providers.append(control)
-        config = attention.config
-        base = config._attn_implementation
-        if not base.startswith(_IMPL_PREFIX):
-            _register(base)
-            config.__dict__["_deltactl_base_impl"] = base
-            config._attn_implementation = _IMPL_PREFIX + base
-        config.__dict__["_deltactl_users"] = config.__dict__.get("_deltactl_users", 0) + 1
-
-    def remove(self):
-        providers = self.attention.__dict__[_MEMORY]
-        providers.remove(self.control)
-        if not providers:
-            del self.attention.__dict__[_MEMORY]
-            del self.attention.__dict__["_deltactl_bias_source"]
-        config = self.attention.config
-        config.__dict__["_deltactl_users"] -= 1
-        if config.__dict__["_deltactl_users"] == 0:
-            config._attn_implementation = config.__dict__.pop("_deltactl_base_impl")
-            del config.__dict__["_deltactl_users"]
+def _widen_position_bias(source, module, query, key, n_mem, kwargs):
+    """[bₚ, b]: the position bias of the memory columns joins T5's bias over the tokens."""
+    position_bias = kwargs.get("position_bias")
+    if position_bias is None:
+        return kwargs
+    mem_bias = _memory_bias(module, source, query.shape[2], key.shape[2], n_mem, query)
+    mem_bias = mem_bias.expand(position_bias.shape[0], -1, -1, -1)
+    return {**kwargs, "position_bias": torch.cat([mem_bias.to(position_bias.dtype), position_bias], dim=-1)}
 
 
-def _register(base: str) -> None:
-    name = _IMPL_PREFIX + base
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _attention_with_memory)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-
-
-def _attention_with_memory(module, query, key, value, attention_mask, position_bias=None, **kwargs):
-    """softmax([q·Kₚᵀ + bₚ, q·Kᵀ + b]) [Vₚ; V]: the memory rows (Kₚ, Vₚ) join the keys and values."""
-    base = module.config.__dict__["_deltactl_base_impl"]
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(base, eager_attention_forward)
-    providers = module.__dict__.get(_MEMORY)
-    if not providers:
-        return attend(module, query, key, value, attention_mask, position_bias=position_bias, **kwargs)
-    rows = [provider(query.shape[0]) for provider in providers]
-    mem_k = torch.cat([k for k, _ in rows], dim=2).to(key.dtype)
-    mem_v = torch.cat([v for _, v in rows], dim=2).to(value.dtype)
-    n_mem, q_len, k_len = mem_k.shape[2], query.shape[2], key.shape[2]
-    mem_bias = _memory_bias(module, q_len, k_len, n_mem, query)
-    if position_bias is not None:
-        mem_bias = mem_bias.expand(position_bias.shape[0], -1, -1, -1)
-        position_bias = torch.cat([mem_bias.to(position_bias.dtype), position_bias], dim=-1)
-    attention_mask = _mask_with_memory(module, attention_mask, query, k_len, n_mem)
-    key, value = torch.cat([mem_k, key], dim=2), torch.cat([mem_v, value], dim=2)
-    return attend(module, query, key, value, attention_mask, position_bias=position_bias, **kwargs)
-
-
-def _memory_bias(module, q_len, k_len, n_mem, query):
+def _memory_bias(module, source, q_len, k_len, n_mem, query):
     """Relative position bias of the memory columns: the rows sit just before the first token.
 
     This is where an autoregressive cache would put them, so decoder prefixes match prefixes passed as a
     key/value cache (PEFT's placement); cross-attention carries no position bias in T5.
     """
-    source = module.__dict__["_deltactl_bias_source"]
     shape = (1, module.n_heads, q_len, n_mem)
     if source is None:
         return query.new_zeros(shape)
@@ -166,23 +117,6 @@ def _memory_bias(module, q_len, k_len, n_mem, query):
         max_distance=source.relative_attention_max_distance,
     )
     return source.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
-
-
-def _mask_with_memory(module, mask, query, k_len, n_mem):
-    """Memory columns are visible to every query; the token columns keep their mask."""
-    if mask is None:
-        if not (module.is_causal and query.shape[2] > 1):
-            return None
-        # A causal stack that relied on an implicit mask: spell it out, since the memory breaks the square shape.
-        q_len = query.shape[2]
-        pos = torch.arange(k_len, device=query.device)
-        allowed = pos[None, :] <= torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
-        mask = torch.zeros(q_len, k_len, dtype=query.dtype, device=query.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]
-    mask = mask[..., -k_len:] if mask.shape[-1] > k_len else mask
-    visible = True if mask.dtype == torch.bool else 0.0
-    pad = mask.new_full((*mask.shape[:-1], n_mem), visible)
-    return torch.cat([pad, mask], dim=-1)
 
 
 # ---- input sequence: rows placed before the encoder's tokens ------------------------------------------

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from deltactl.control.attach import attached_deltas, base_named_parameters
 from deltactl.control.combinators import Combination
-from deltactl.control.sites import select
 from deltactl.methods import registry
 
 # Trainable share of T5-base reported by the delta-tuning paper (Ding et al., 2023), for comparison.
@@ -36,5 +35,4 @@ def closed_form(config, backbone) -> int:
     """The number of δ parameters a config gives on a backbone, from the method's formula (no tensors built)."""
     if isinstance(config, Combination):
         return sum(closed_form(p, backbone) for p in config.parts)
-    method = registry.get(config.method)
-    return method.count(config, select(config.sites, backbone.sites, method.kinds, method.name))
+    return registry.get(config.method).count(config, registry.sites_of(config, backbone.sites))

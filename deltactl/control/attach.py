@@ -7,7 +7,6 @@ from torch import nn
 from deltactl.backbones import backbone_for
 from deltactl.control.combinators import Chain, Combination, Sum
 from deltactl.control.controller import Controller
-from deltactl.control.sites import select
 from deltactl.methods import registry
 
 ROOT = "deltactl"  # the attribute of the model under which attached controllers live
@@ -18,9 +17,7 @@ def build(config, backbone) -> Controller:
     if isinstance(config, Combination):
         parts = [build(p, backbone) for p in config.parts]
         return (Chain if config.how == "chain" else Sum)(config, parts)
-    method = registry.get(config.method)
-    sites = select(config.sites, backbone.sites, method.kinds, method.name)
-    return method.build(config, backbone, sites)
+    return registry.get(config.method).build(config, backbone, registry.sites_of(config, backbone.sites))
 
 
 class Delta:
@@ -75,7 +72,7 @@ def attach(model: nn.Module, config, *, name: str | None = None, **options) -> D
     """Attach a delta method to ``model`` and freeze everything but δ.
 
     Args:
-        model: a transformers model of a supported family (T5).
+        model: a transformers model of a supported family (T5, BERT).
         config: a method name (with ``options``), a method config, or ``chain(...)``/``sum(...)`` of configs.
         name: the delta's name on the model (default: the method name, numbered if taken).
 

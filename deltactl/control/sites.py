@@ -7,7 +7,8 @@ import fnmatch
 from dataclasses import dataclass, field
 
 # What a controller at a site receives and returns (the hook protocol of each kind):
-#   linear, norm, branch, state:  y' = G(x, y)  — x the module's input, y its output (same shape as y')
+#   linear, norm, branch, state:  y' = G(x, y)  — x the module's input, y its output (same shape as y');
+#             at a branch, x is the sub-layer's input h and y its update F(h)
 #   memory:   rows(batch) -> (keys, values), each (batch, heads, rows, head_dim), extra attention memory
 #   sequence: rows(embeds) -> (batch, rows, d_model), extra input rows placed before the sequence
 OUTPUT_KINDS = frozenset({"linear", "norm", "branch", "state"})
@@ -41,21 +42,31 @@ class Site:
         return int(part) if part.isdigit() else None
 
 
-def select(patterns, sites: dict[str, Site], kinds=KINDS, method: str = "controller") -> list[Site]:
+def select(
+    patterns, sites: dict[str, Site], kinds=KINDS, method: str = "controller", every: bool = True
+) -> list[Site]:
     """Sites matched by glob patterns (``*`` within and across dots), in backbone order.
 
-    Every pattern must match at least one site of an accepted kind; otherwise the error names the
-    pattern, what it did match, and the closest valid names.
+    With ``every`` (patterns a user wrote), each pattern must match at least one site of an accepted kind, so a
+    typo is an error. Without it (a method's default patterns, which name a role in every family, such as T5's
+    ``*.final_ln`` and BERT's ``*.embed_ln``), patterns naming nothing on this model are skipped, and only a list
+    that selects nothing at all is an error. The error names the pattern, what it did match, and the closest
+    valid names.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
     chosen: set[str] = set()
+    missed: list[str] = []
     for pattern in patterns:
         hits = [n for n in sites if fnmatch.fnmatchcase(n, pattern)]
         usable = [n for n in hits if sites[n].kind in kinds]
         if not usable:
-            raise ValueError(_no_match_message(pattern, hits, sites, kinds, method))
+            missed.append(_no_match_message(pattern, hits, sites, kinds, method))
+            if every:
+                raise ValueError(missed[0])
         chosen.update(usable)
+    if missed and not chosen:
+        raise ValueError(missed[0])
     return [site for name, site in sites.items() if name in chosen]
 
 

@@ -1,4 +1,7 @@
-"""BitFit (Ben Zaken et al., 2022): tune only bias terms, y' = y + b; T5 has none, so they start at zero."""
+"""BitFit (Ben Zaken et al., 2022): tune only bias terms, y' = y + b with b = 0 at the start.
+
+Where the layer has a bias (BERT) b is the change of that bias; where it has none (T5) it is a new one.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ class BitFitConfig(DeltaConfig):
     """Args: sites the linear and norm outputs that get a bias (default: all of them)."""
 
     method: ClassVar[str] = "bitfit"
-    sites: tuple[str, ...] = ("*.q", "*.k", "*.v", "*.o", "*.wi*", "*.wo", "*.ln", "*.final_ln")
+    sites: tuple[str, ...] = ("*.q", "*.k", "*.v", "*.o", "*.wi*", "*.wo", "*.ln", "*.final_ln", "*.embed_ln")
 
 
 class Bias(nn.Module):

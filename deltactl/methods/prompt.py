@@ -50,7 +50,7 @@ def initial_rows(cfg: PromptConfig, embedding: nn.Embedding) -> torch.Tensor:
 def build(cfg, backbone, sites):
     if cfg.length < 0:
         raise ValueError(f"prompt length must be ≥ 0, got {cfg.length}")
-    embedding = backbone.module(sites[0]).embed_tokens
+    embedding = backbone.input_embeddings()
     return PerSite(cfg, sites, {s.name: SoftPrompt(initial_rows(cfg, embedding)) for s in sites})
 
 

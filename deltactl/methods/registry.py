@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from deltactl.control.sites import Site
+from deltactl.control.sites import Site, select
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,11 @@ class DeltaConfig:
 
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
+
+    @property
+    def default_sites(self) -> bool:
+        """Whether ``sites`` are the method's defaults: patterns for every family, not names a user chose."""
+        return self.sites == next(f.default for f in dataclasses.fields(self) if f.name == "sites")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,15 @@ def get(name: str) -> Method:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown delta method {name!r}{hint} (registered: {', '.join(sorted(REGISTRY))})")
     return REGISTRY[name]
+
+
+def sites_of(config: DeltaConfig, sites: dict[str, Site]) -> list[Site]:
+    """The sites a method config acts on among a backbone's ``sites``.
+
+    Patterns a user gave must each match; the method's defaults may name sites that only some families have.
+    """
+    method = get(config.method)
+    return select(config.sites, sites, method.kinds, method.name, every=not config.default_sites)
 
 
 def make_config(name: str, **overrides) -> DeltaConfig:
