@@ -41,14 +41,16 @@ def method_spec(spec: str):
 
 
 def load_model(shape: str | None, path: str | None, device: str = "cpu"):
-    """A T5 from a local checkpoint folder, or of a named shape with random weights (nothing downloaded)."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, T5ForConditionalGeneration
+    """A local checkpoint (T5 → seq2seq LM, encoders → bare model), or a named T5 shape with random weights."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 
     if path:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        return AutoModelForSeq2SeqLM.from_pretrained(
-            path, config=config, attn_implementation="eager", local_files_only=True
-        ).to(device)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+        cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModel
+        if device == "meta":  # sizes only: the architecture without its weights
+            with torch.device("meta"):
+                return cls.from_config(config)
+        return cls.from_pretrained(path, config=config, local_files_only=True)
     with torch.device(device):
         return T5ForConditionalGeneration(t5_config(shape))
 
@@ -105,7 +107,8 @@ def cmd_train(args):
     outcome = run.train(spec, out, data=args.data)
     print(
         f"{outcome.status}: {spec.method} on {spec.task}, {outcome.steps} steps in {outcome.seconds:.0f} s; "
-        f"best dev {outcome.best_metric} at step {outcome.best_step}; run folder {out}"
+        f"best dev {outcome.best_metric:.4f} at step {outcome.best_step}; run folder {out}"
+        if outcome.best_metric is not None else f"{outcome.status}: no evaluation ran; run folder {out}"
     )
 
 
@@ -163,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from deltactl.tasks import MissingSplitError
+
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, MissingSplitError) as err:
         print(f"deltactl {args.command}: {err}", file=sys.stderr)
         return 2
     return 0

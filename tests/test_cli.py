@@ -41,3 +41,13 @@ def test_count_t5_base_against_the_paper(capsys):
 def test_bad_input_is_a_clear_error(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_inspect_and_count_the_real_minilm(capsys):
+    from deltactl.train.run import default_model_path
+
+    folder = default_model_path()
+    assert main(["inspect", "--model", folder, "--method", "lora", "--attached-only"]) == 0
+    assert "encoder.5.attn.v" in capsys.readouterr().out
+    assert main(["count", "--model", folder, "--method", "lora"]) == 0
+    assert "73,728" in capsys.readouterr().out  # 6 layers · (q, v) · 8 · (384 + 384)

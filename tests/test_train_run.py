@@ -99,3 +99,12 @@ def test_killed_run_resumes_to_the_same_delta(t5_folder, tmp_path):
 def test_missing_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no best δ yet: train it first"):
         run.evaluate_run(tmp_path / "nothing")
+
+
+def test_run_defaults_and_user_overrides():
+    prompt = run.resolve("prompt", "sst2", {"lr": 0.1}, {"init": "random"})
+    assert prompt.method_options == {"length": 20, "init": "random"} and prompt.train.lr == 0.1
+    assert prompt.train.epochs == run.METHOD_DEFAULTS["prompt"]["epochs"]
+    assert run.resolve("prompt", "sst2", method_options={"length": 5}).method_options == {"length": 5}
+    with pytest.raises(ValueError, match="ft\\) takes no method options"):
+        run.build(run.resolve("ft", "sst2", method_options={"r": 2}), data=DATA)

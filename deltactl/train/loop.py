@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -90,7 +91,10 @@ def fit(
         save_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, progress)
 
     status = "finished"
-    bar = tqdm(total=total, initial=progress["step"], desc="train", disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=total, initial=progress["step"], desc="train", disable=not accelerator.is_main_process,
+        mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
+    )
     while progress["step"] < total and status == "finished":
         epoch, done = divmod(progress["step"], steps_per_epoch)
         for batch in _epoch_batches(accelerator, train_set, collate, config, epoch, skip=done):
@@ -115,7 +119,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             progress["step"] += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             step = progress["step"]
             if step % config.eval_every == 0 or step == total:
                 status = _evaluate(model, evaluate, main_metric, config, progress, loss.item(), out, save_best)
