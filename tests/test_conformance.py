@@ -266,3 +266,14 @@ def test_real_minilm_zero_control_and_detach(minilm, method):
     assert_outputs_close(minilm_outputs(model, batch), before, atol=0)
     delta.detach()
     assert_detach_is_bit_exact(model, cfg, minilm_outputs, batch)
+
+
+def test_sum_of_a_chain_sums_the_chained_control():
+    inner = dc.chain(config("adapter", sites=("encoder.0.ffn.out",)), config("adapter", sites=("encoder.0.ffn.out",)))
+    outer = dc.attach(tiny_t5(), dc.sum(inner, config("bitfit", sites=("*.ffn.wo",))))
+    perturb(outer)
+    chained, _ = outer.controller.parts
+    x, y = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 3, 16, dtype=torch.float64)
+    first, second = chained.parts
+    expected = second.control("encoder.0.ffn.out", x, first.control("encoder.0.ffn.out", x, y))
+    torch.testing.assert_close(outer.controller.control("encoder.0.ffn.out", x, y), expected, atol=1e-12, rtol=0)

@@ -60,6 +60,10 @@ class Sum(Controller):
     def control(self, site, x, y):
         out = y
         for part in self.parts:
-            if any(s.name == site for s in part.sites):
-                out = out + (part.control(site, x, y) - y)
+            laws = [law for s, law in part.controls() if s.name == site]
+            if laws:  # a part's own laws at this site compose in order (a chain may act there twice)
+                part_out = y
+                for law in laws:
+                    part_out = law(x, part_out)
+                out = out + (part_out - y)
         return out
