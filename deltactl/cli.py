@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 
 import torch
 
 from deltactl.shapes import SHAPES, t5_config
+
+# Sub-packages that bring their own sub-commands: each module has ``add_commands(subparsers)``.
+COMMAND_MODULES = (
+    "deltactl.theory.commands",      # deltactl theory check
+    "deltactl.subspace.commands",    # deltactl subspace …
+    "deltactl.inference.commands",   # deltactl robust …
+    "deltactl.experiments.commands",  # deltactl exp list|run, deltactl pretrain-t5
+)
 
 
 def _value(text: str):
@@ -120,6 +130,13 @@ def cmd_eval(args):
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
+def _exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its package is absent
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltactl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev")
     p.add_argument("--data", help="data folder (default: $DELTACTL_DATA or ../shared/data)")
     p.set_defaults(run=cmd_eval)
+
+    for module in COMMAND_MODULES:
+        if _exists(module):
+            importlib.import_module(module).add_commands(sub)
     return parser
 
 
