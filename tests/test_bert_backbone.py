@@ -45,6 +45,9 @@ def test_site_map_with_and_without_a_task_head():
     wrapped = dc.backbone_for(tiny_bert()).sites
     bare = dc.backbone_for(tiny_bert(head=False)).sites
     assert list(wrapped) == list(bare)
+    assert wrapped["encoder.0.ffn.wo.bias"].module == "bert.encoder.layer.0.output.dense"
+    assert "embeddings.word_embeddings.weight" in wrapped and "classifier.weight" not in wrapped  # head: not backbone
+    wrapped = {n: s for n, s in wrapped.items() if s.kind != "parameter"}
     per_layer = ["attn.q", "attn.k", "attn.v", "attn.kv", "attn.o", "attn.out", "attn.ln",
                  "ffn.wi", "ffn.wo", "ffn.out", "ffn.ln", "out"]
     layers = [f"encoder.{j}.{s}" for j in range(2) for s in per_layer]

@@ -14,11 +14,18 @@ from transformers import PretrainedConfig
 
 import deltactl as dc
 from deltactl.control.accounting import closed_form
+from deltactl.control.controller import NotMergeable
 from deltactl.methods import REGISTRY, make_config
 
 METHODS = sorted(REGISTRY)
 # Small settings so the tiny model stays tiny; each is the method's own config, defaults otherwise.
-SMALL = {"lora": {"r": 3}, "adapter": {"r": 5}, "prefix": {"length": 3, "mid_dim": 7}, "prompt": {"length": 3}}
+SMALL = {
+    "lora": {"r": 3}, "adapter": {"r": 5}, "prefix": {"length": 3, "mid_dim": 7}, "prompt": {"length": 3},
+    "pfeiffer": {"r": 5}, "parallel_adapter": {"r": 5}, "lowrank_adapter": {"r": 5, "rank": 2},
+    "compacter": {"r": 4, "n": 2, "rank": 2}, "selective": {"budget": 0.3},
+    "named": {"sites": ("encoder.0.attn.q.weight", "*.ffn.ln.weight")},
+}
+REQUIRED = {"named": {"sites": ("encoder.0.attn.q.weight",)}}  # options a method has no default for
 
 
 def config(method, **extra):
@@ -260,7 +267,7 @@ def test_real_minilm_zero_control_and_detach(minilm, method):
     model, batch = minilm
     assert model.dtype == torch.float32 and (batch["attention_mask"] == 0).any()
     before = minilm_outputs(model, batch)
-    cfg = make_config(method)  # the method's defaults, as a user would attach it
+    cfg = make_config(method, **REQUIRED.get(method, {}))  # the method's defaults, as a user would attach it
     delta = dc.attach(model, cfg.zero())
     assert delta.num_parameters() == closed_form(cfg.zero(), delta.backbone)
     assert_outputs_close(minilm_outputs(model, batch), before, atol=0)
@@ -277,3 +284,52 @@ def test_sum_of_a_chain_sums_the_chained_control():
     first, second = chained.parts
     expected = second.control("encoder.0.ffn.out", x, first.control("encoder.0.ffn.out", x, y))
     torch.testing.assert_close(outer.controller.control("encoder.0.ffn.out", x, y), expected, atol=1e-12, rtol=0)
+
+
+# ---- merge / unmerge (methods whose control is a change of weights) ------------------------------------------------
+
+# T5's RMS norms have no bias to merge BitFit into: on T5 BitFit merges where it acts on linear layers.
+MERGE_SITES = {("t5", "bitfit"): {"sites": ("*.q", "*.wo")}}
+# Merged and unmerged round differently: float64 to ~1e-15; bfloat16 (8 significant bits, rounding at every layer)
+# to a few percent of the output's scale.
+MERGE_TOL = {torch.float64: 1e-10, torch.bfloat16: 2**-5}
+
+
+def _mergeable(delta) -> bool:
+    try:
+        delta.controller.weight_laws()
+    except NotMergeable:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("dtype", list(MERGE_TOL), ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_equals_unmerged_and_unmerge_is_exact(case, method, dtype):
+    model, batch = case.model().to(dtype), case.batch()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    delta = dc.attach(model, config(method, **MERGE_SITES.get((case.family, method), {})))
+    perturb(delta, scale=0.1)
+    if not _mergeable(delta):
+        with pytest.raises(NotMergeable, match="cannot be merged"):
+            delta.merge()
+        return
+    with torch.no_grad():
+        unmerged = case.outputs(model, batch)
+        delta.merge()
+        assert delta.merged and not any(p.requires_grad for p in delta.parameters())
+        base_keys = {k for k in model.state_dict() if not k.startswith("deltactl.")}
+        changed = not all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+        assert changed or base_keys > state.keys()  # weights changed (or biases appeared: BitFit on T5 linears)
+        merged = case.outputs(model, batch)
+        for x, y in zip(merged, unmerged, strict=True):
+            scale = 1.0 if dtype == torch.float64 else y.abs().max().item()
+            assert (x - y).abs().max().item() <= MERGE_TOL[dtype] * scale
+        delta.unmerge()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items() if k in model.state_dict())
+        assert {k for k in model.state_dict() if not k.startswith("deltactl.")} == state.keys()
+        assert all(torch.equal(a, b) for a, b in zip(case.outputs(model, batch), unmerged))
+        delta.merge()
+        delta.detach()  # detaching a merged delta unmerges it first
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -1,5 +1,7 @@
 """The T5 site map, site selection errors, the rollout, and the memory and sequence mechanisms against formulas."""
 
+import math
+
 import pytest
 import torch
 from conftest import VOCAB, tiny_batch, tiny_t5
@@ -20,7 +22,19 @@ def test_site_map_of_both_t5_versions():
     kinds = [s.kind for s in v10.values()]
     # per encoder block: attn (ln, q, k, v, kv, o, out) + ffn (ln, wi, wo, out) + out; the decoder adds cross.
     assert kinds.count("memory") == 2 + 2 * 2 and kinds.count("sequence") == 1
-    assert len(v10) == 1 + 2 * 12 + 2 * 19 + 2
+    assert len([k for k in kinds if k != "parameter"]) == 1 + 2 * 12 + 2 * 19 + 2
+
+
+def test_parameter_sites_cover_every_weight_once_under_canonical_names():
+    model = tiny_t5()
+    sites = {n: s for n, s in dc.backbone_for(model).sites.items() if s.kind == "parameter"}
+    assert sum(math.prod(s.dims["shape"]) for s in sites.values()) == sum(p.numel() for p in model.parameters())
+    assert sites["encoder.0.attn.q.weight"].module == "encoder.block.0.layer.0.SelfAttention.q"
+    assert sites["decoder.1.cross.ln.weight"].dims["shape"] == (16,)
+    assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in sites  # no canonical module
+    # the embedding is shared by both stacks (and the head where tied): one site acting in every owner
+    owners = {path for path, _ in sites["shared.weight"].dims["owners"]}
+    assert {"shared", "encoder.embed_tokens", "decoder.embed_tokens"} <= owners
 
 
 def test_wide_heads_dimensions():

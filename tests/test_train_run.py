@@ -1,5 +1,6 @@
 """Whole runs: a local T5 checkpoint trains text-to-text end to end; kill and rerun resumes; eval; bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -108,3 +109,30 @@ def test_run_defaults_and_user_overrides():
     assert run.resolve("prompt", "sst2", method_options={"length": 5}).method_options == {"length": 5}
     with pytest.raises(ValueError, match="ft\\) takes no method options"):
         run.build(run.resolve("ft", "sst2", method_options={"r": 2}), data=DATA)
+
+
+@needs_data
+def test_simultaneous_and_sequential_combinations(t5_folder, tmp_path):
+    """prompt+bitfit trains both at once; a later stage (--after) trains only its own δ on top of the frozen ones."""
+    both = run.resolve("prompt+bitfit", "sst2", {"epochs": 1.0, "batch_size": 8, "eval_every": 2},
+                       method_options={"prompt": {"length": 2}}, model=str(t5_folder), kshot_seed=13, max_length=32)
+    assert both.method_options == {"prompt": {"length": 2}, "bitfit": {}}
+    assert both.train.lr == min(run.METHOD_DEFAULTS["prompt"]["lr"], run.METHOD_DEFAULTS["bitfit"]["lr"])
+    outcome = run.train(both, tmp_path / "stage1", data=DATA)
+    assert outcome.status == "finished"
+    assert {p.name for p in (tmp_path / "stage1" / "best").iterdir()} >= {"delta-prompt", "delta-bitfit"}
+
+    stage2 = spec("lora", t5_folder)
+    stage2 = dataclasses.replace(stage2, after=str(tmp_path / "stage1"))
+    _, task_model, deltas = run.build_deltas(stage2, data=DATA)
+    trainable = run.trainable_parameters(task_model)
+    assert [d.name for d in deltas] == ["lora"] and all(".deltactl.lora." in f".{n}" for n in trainable)
+    stored = run.load_file(str(tmp_path / "stage1" / "best" / "trainable.safetensors"))
+    params = dict(task_model.model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in stored.items())  # the earlier stage's δ, restored
+    assert not any(params[n].requires_grad for n in stored)  # and frozen
+    outcome = run.train(stage2, tmp_path / "stage2", data=DATA)
+    assert outcome.status == "finished"
+    assert run.evaluate_run(tmp_path / "stage2", data=DATA)["accuracy"] == outcome.best_metric
+    with pytest.raises(FileNotFoundError, match="no trained stage there"):
+        run.build_deltas(dataclasses.replace(stage2, after=str(tmp_path / "nothing")), data=DATA)

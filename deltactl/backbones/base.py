@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from deltactl.backbones.parameters import ParameterHandle, parameter_sites
 from deltactl.control.sites import OUTPUT_KINDS, Site
 
 
@@ -29,11 +30,18 @@ class Backbone(ABC):
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.sites: dict[str, Site] = {s.name: s for s in self._build_sites()}
+        sites = self._build_sites()
+        canonical = {s.module: s.name for s in sites if s.kind in ("linear", "norm")}
+        sites += parameter_sites(model, self.parameter_root(), canonical)
+        self.sites: dict[str, Site] = {s.name: s for s in sites}
 
     @abstractmethod
     def _build_sites(self) -> list[Site]:
         """All canonical sites, in the order the forward pass meets them."""
+
+    def parameter_root(self) -> str:
+        """Dotted path of the module whose parameters are the backbone's weights ("" for the whole model)."""
+        return ""
 
     @abstractmethod
     def blocks(self) -> dict[str, list[nn.Module]]:
@@ -47,9 +55,17 @@ class Backbone(ABC):
         return self.model.get_input_embeddings()
 
     def hook(self, site: Site, control):
-        """Run ``control`` at ``site``; returns a handle whose ``remove()`` undoes it exactly."""
+        """Run ``control`` at ``site``; returns a handle whose ``remove()`` undoes it exactly.
+
+        A law at a linear site that declares ``acts_on = "input"`` maps the layer's input instead, x' = G(x)
+        (IA3's scaling of the FFN activations is one).
+        """
+        if site.kind == "linear" and getattr(control, "acts_on", "output") == "input":
+            return self.module(site).register_forward_pre_hook(_input_hook(control))
         if site.kind in OUTPUT_KINDS:
             return self.module(site).register_forward_hook(_output_hook(control))
+        if site.kind == "parameter":
+            return ParameterHandle(self.model, site, control)
         raise ValueError(f"{self.family} backbone has no {site.kind} mechanism for site {site.name!r}")
 
     def rollout(self, **inputs) -> Trajectory:
@@ -75,6 +91,13 @@ def _output_hook(control):
         if isinstance(output, tuple):
             return (control(x, output[0]), *output[1:])
         return control(x, output)
+
+    return hook
+
+
+def _input_hook(control):
+    def hook(module, args):
+        return (control(args[0]), *args[1:])
 
     return hook
 

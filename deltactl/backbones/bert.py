@@ -40,6 +40,9 @@ class BertBackbone(Backbone):
     def blocks(self):
         return {"encoder": list(self.bert.encoder.layer)}
 
+    def parameter_root(self):
+        return self.path  # a task model's head is not part of the backbone
+
     def _build_sites(self):
         cfg = self.bert.config
         if cfg.is_decoder or cfg.add_cross_attention:

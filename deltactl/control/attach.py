@@ -21,11 +21,19 @@ def build(config, backbone) -> Controller:
 
 
 class Delta:
-    """A controller attached to a model: its handle for parameters, detaching and saving."""
+    """A controller attached to a model: its handle for parameters, switching, merging, detaching and saving.
 
-    def __init__(self, model, backbone, controller: Controller, name: str, handles: list):
-        self.model, self.backbone, self.controller = model, backbone, controller
-        self.name, self._handles = name, handles
+    A delta is *active* (its laws act in the forward pass) or disabled; *frozen* (its δ does not train, as an
+    earlier stage of a sequential combination) or trainable; *merged* (its effect written into the base weights,
+    for the methods whose effect is a weight change) or not. Laws of several deltas at one site apply in the
+    order the deltas were attached, whatever is switched on and off in between.
+    """
+
+    def __init__(self, model, backbone, controller: Controller, name: str):
+        self.model, self.backbone, self.controller, self.name = model, backbone, controller, name
+        self.active, self.frozen = True, False
+        self._handles: list | None = []
+        self._merged = None  # the base weights a merge replaced, kept to restore them exactly
 
     @property
     def config(self):
@@ -34,6 +42,10 @@ class Delta:
     @property
     def attached(self) -> bool:
         return self._handles is not None
+
+    @property
+    def merged(self) -> bool:
+        return self._merged is not None
 
     def parameters(self):
         return self.controller.parameters()
@@ -44,15 +56,58 @@ class Delta:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.controller.parameters())
 
-    def detach(self) -> None:
-        """Remove the controller; the model is then bit-identical to before ``attach``."""
+    def enable(self) -> "Delta":
+        return self._set(active=True)
+
+    def disable(self) -> "Delta":
+        """Stop acting (the model runs as if this delta were absent); δ is kept and stops training."""
+        return self._set(active=False)
+
+    def freeze(self) -> "Delta":
+        """Keep acting but stop training (an earlier stage of a sequential combination)."""
+        return self._set(frozen=True)
+
+    def unfreeze(self) -> "Delta":
+        return self._set(frozen=False)
+
+    def merge(self) -> "Delta":
+        """Write the delta's effect into the base weights (θ ← G(θ)); see ``deltactl.control.merge``."""
+        from deltactl.control.merge import merge
+
+        merge(self)
+        return self
+
+    def unmerge(self) -> "Delta":
+        """Restore the base weights exactly and act through the laws again."""
+        from deltactl.control.merge import unmerge
+
+        unmerge(self)
+        return self
+
+    def _set(self, **state) -> "Delta":
+        self._check_attached()
+        if self.merged and state.get("active") is False:
+            raise RuntimeError(f"delta {self.name!r} is merged into the weights; unmerge it before disabling it")
+        for key, value in state.items():
+            setattr(self, key, value)
+        _reinstall(self.model, self)
+        return self
+
+    def _check_attached(self):
         if self._handles is None:
-            raise RuntimeError(f"delta {self.name!r} is already detached")
+            raise RuntimeError(f"delta {self.name!r} is detached")
+
+    def detach(self) -> None:
+        """Remove the controller (unmerging it first); the model is then bit-identical to before ``attach``."""
+        self._check_attached()
+        if self.merged:
+            self.unmerge()
         for handle in reversed(self._handles):
             handle.remove()
         self._handles = None
         root = self.model.get_submodule(ROOT)
         del root[self.name]
+        del root.handles[self.name]
         if len(root) == 0:
             for param, flag in zip(_base_parameters(self.model), root.base_requires_grad):
                 param.requires_grad_(flag)
@@ -64,8 +119,9 @@ class Delta:
         save(self, path)
 
     def __repr__(self):
-        state = "attached" if self.attached else "detached"
-        return f"Delta({self.name!r}, {self.config!r}, {self.num_parameters():,} parameters, {state})"
+        state = ("merged" if self.merged else "active" if self.active else "disabled") if self.attached else "detached"
+        frozen = ", frozen" if self.frozen and self.attached else ""
+        return f"Delta({self.name!r}, {self.config!r}, {self.num_parameters():,} parameters, {state}{frozen})"
 
 
 def attach(model: nn.Module, config, *, name: str | None = None, **options) -> Delta:
@@ -74,7 +130,8 @@ def attach(model: nn.Module, config, *, name: str | None = None, **options) -> D
     Args:
         model: a transformers model of a supported family (T5, BERT).
         config: a method name (with ``options``), a method config, or ``chain(...)``/``sum(...)`` of configs.
-        name: the delta's name on the model (default: the method name, numbered if taken).
+        name: the delta's name on the model (default: the method name, numbered if taken). Several deltas may be
+            attached at once: they act together (a simultaneous combination) unless switched with ``use``.
 
     Returns:
         The attached ``Delta``.
@@ -91,23 +148,93 @@ def attach(model: nn.Module, config, *, name: str | None = None, **options) -> D
     controller = build(config, backbone)
     reference = next(p for p in _base_parameters(model) if p.is_floating_point())
     controller.to(device=reference.device, dtype=reference.dtype)
+    controller.train(model.training)  # a model in eval mode gets an eval-mode controller (dropout, gates)
 
     root = model._modules.get(ROOT)
     if root is None:
         base = list(_base_parameters(model))
         root = nn.ModuleDict()
         root.base_requires_grad = [p.requires_grad for p in base]  # restored when the last delta leaves
+        root.handles = {}  # name -> Delta, in attachment order
         for p in base:
             p.requires_grad_(False)
         model.add_module(ROOT, root)
     name = name or _free_name(root, config.method)
     if name in root:
         raise ValueError(f"a delta named {name!r} is already attached; pick another name or detach it first")
+    if "." in name or not name:
+        raise ValueError(f"delta name {name!r} must be non-empty and without dots (it names a module)")
     root[name] = controller
-    for p in controller.parameters():
-        p.requires_grad_(True)
-    handles = [backbone.hook(site, law) for site, law in controller.controls()]
-    return Delta(model, backbone, controller, name, handles)
+    delta = root.handles[name] = Delta(model, backbone, controller, name)
+    _reinstall(model, delta)
+    return delta
+
+
+def deltas(model) -> dict[str, Delta]:
+    """The deltas attached to ``model``, by name, in attachment order."""
+    root = model._modules.get(ROOT)
+    return dict(root.handles) if root is not None else {}
+
+
+def use(model, *names: str) -> None:
+    """Make exactly the deltas ``names`` active (switch between several trained deltas); no names: disable all."""
+    attached = deltas(model)
+    unknown = [n for n in names if n not in attached]
+    if unknown:
+        raise ValueError(f"no delta named {unknown[0]!r} on this model; attached: {', '.join(attached) or 'none'}")
+    merged = [d.name for d in attached.values() if d.merged and d.name not in names]
+    if merged:
+        raise RuntimeError(f"delta {merged[0]!r} is merged into the weights; unmerge it before switching it off")
+    for delta in attached.values():
+        delta.active = delta.name in names
+    _reinstall(model, *attached.values())
+
+
+def penalty(model):
+    """Σ R(δ) over the deltas that train (active, not frozen, not merged): add it to the loss. None if none has one."""
+    total = None
+    for delta in deltas(model).values():
+        if delta.active and not delta.frozen and not delta.merged:
+            term = delta.controller.penalty()
+            if term is not None:
+                total = term if total is None else total + term
+    return total
+
+
+def disable_all(model) -> None:
+    """No delta acts (the pre-trained model); ``use(model, name)`` switches one back on."""
+    use(model)
+
+
+class disabled:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """``with disabled(model):`` runs the pre-trained model; the active deltas come back on exit."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was = [n for n, d in deltas(self.model).items() if d.active]
+        disable_all(self.model)
+        return self.model
+
+    def __exit__(self, *exc):
+        use(self.model, *self.was)
+
+
+def _reinstall(model, *touched: Delta) -> None:
+    """(Re)install the laws of every active, unmerged delta in attachment order; set what trains in ``touched``."""
+    attached = deltas(model)
+    for delta in reversed(list(attached.values())):
+        for handle in reversed(delta._handles):
+            handle.remove()
+        delta._handles = []
+    for delta in attached.values():
+        if delta.active and not delta.merged:
+            delta._handles = [delta.backbone.hook(site, law) for site, law in delta.controller.controls()]
+    for delta in touched:  # only these: a user may have frozen parts of another delta by hand
+        trains = delta.active and not delta.frozen and not delta.merged
+        for p in delta.controller.parameters():
+            p.requires_grad_(trains)
 
 
 def _free_name(root, base: str) -> str:
@@ -129,8 +256,7 @@ def base_named_parameters(model):
     return [(n, p) for n, p in model.named_parameters() if not n.startswith(ROOT + ".")]
 
 
-
-
 def attached_deltas(model) -> dict[str, Controller]:
+    """The controllers attached to ``model``, by delta name."""
     root = model._modules.get(ROOT)
     return dict(root.items()) if root is not None else {}

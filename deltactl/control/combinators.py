@@ -44,18 +44,37 @@ class Chain(Controller):
     def controls(self):
         return [pair for part in self.parts for pair in part.controls()]
 
+    def penalty(self):
+        return _total(p.penalty() for p in self.parts)
+
+    def weight_laws(self):
+        return [law for part in self.parts for law in part.weight_laws()]  # a, then b: the chain's order
+
+
+def _total(terms):
+    """Σ of the parts' penalties that exist (None if none does)."""
+    total = None
+    for term in terms:
+        if term is not None:
+            total = term if total is None else total + term
+    return total
+
 
 class Sum(Controller):
     def __init__(self, config, parts: list[Controller]):
         sites = {s.name: s for p in parts for s in p.sites}
         bad = [s for s in sites.values() if s.kind not in OUTPUT_KINDS]
+        bad += [s for p in parts for s, law in p.controls() if getattr(law, "acts_on", "output") != "output"]
         if bad:
             raise ValueError(
                 f"sum adds controls at output sites; {bad[0].name!r} is a {bad[0].kind} site "
-                "(combine memory or sequence rows with chain)"
+                "(combine memory, sequence, parameter or input laws with chain)"
             )
         super().__init__(config, list(sites.values()))
         self.parts = nn.ModuleList(parts)
+
+    def penalty(self):
+        return _total(p.penalty() for p in self.parts)
 
     def control(self, site, x, y):
         out = y

@@ -28,6 +28,19 @@ class Controller(nn.Module):
         """(site, law) pairs, in the order they are installed."""
         return [(site, partial(self.control, site.name)) for site in self.sites]
 
+    def penalty(self):
+        """R(δ), the regulariser the method adds to the training loss (a scalar tensor), or None."""
+        return None
+
+    def weight_laws(self) -> list[tuple[Site, str, object]]:
+        """The control written as laws on base weights, for merging: (site, attribute, θ ↦ θ') triples.
+
+        The attribute is one of the site module's parameters (``weight``, ``bias``); θ is None where the module
+        has no such parameter yet (a T5 linear layer's bias). Methods whose effect is not a weight change (extra
+        rows, bottleneck nets) have none.
+        """
+        raise NotMergeable(f"{self.config.method}'s control is not a change of weights, so it cannot be merged")
+
 
 def site_key(name: str) -> str:
     """Module-dict key for a site name (module names may not contain dots)."""
@@ -47,3 +60,17 @@ class PerSite(Controller):
     def controls(self):
         # The per-site module itself is the law: no name lookup on the hot path.
         return [(site, self.layers[site_key(site.name)]) for site in self.sites]
+
+    def weight_laws(self):
+        """Each per-site module's ``weight_laws(site)``: [(attribute, θ ↦ θ')] on the site's module."""
+        laws = []
+        for site in self.sites:
+            layer = self.layers[site_key(site.name)]
+            if not hasattr(layer, "weight_laws"):
+                super().weight_laws()
+            laws += [(site, attribute, law) for attribute, law in layer.weight_laws(site)]
+        return laws
+
+
+class NotMergeable(ValueError):
+    """The control of this delta cannot be written into the base weights."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltactl.control.attach import Delta, attach, base_named_parameters
+from deltactl.control.attach import Delta, attach, base_named_parameters, deltas
 from deltactl.methods.registry import config_from_dict
 
 FORMAT = 1
@@ -28,6 +28,18 @@ def fingerprint(model) -> dict:
     return {"model_type": model.config.model_type, "parameters": total, "sha256": digest.hexdigest()}
 
 
+def _base_fingerprint(model) -> dict:
+    """The fingerprint of the base weights as they are without merged deltas (merges are undone, then redone)."""
+    merged = [d for d in deltas(model).values() if d.merged]
+    for d in reversed(merged):
+        d.unmerge()
+    try:
+        return fingerprint(model)
+    finally:
+        for d in merged:
+            d.merge()
+
+
 def save(delta: Delta, path) -> Path:
     """Write ``path/delta.safetensors`` (δ) and ``path/delta.json`` (method config, sites, base fingerprint)."""
     path = Path(path)
@@ -39,7 +51,7 @@ def save(delta: Delta, path) -> Path:
         "name": delta.name,
         "config": delta.config.to_dict(),
         "sites": [s.name for s in delta.controller.sites],
-        "base": fingerprint(delta.model),
+        "base": _base_fingerprint(delta.model),
     }
     (path / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return path

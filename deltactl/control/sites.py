@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 #             at a branch, x is the sub-layer's input h and y its update F(h)
 #   memory:   rows(batch) -> (keys, values), each (batch, heads, rows, head_dim), extra attention memory
 #   sequence: rows(embeds) -> (batch, rows, d_model), extra input rows placed before the sequence
+#   parameter: θ' = G(θ) — a weight of the backbone, replaced by G(θ) wherever the model uses it
+# A law at a linear site may act on the layer's input instead (``acts_on = "input"``): x' = G(x).
 OUTPUT_KINDS = frozenset({"linear", "norm", "branch", "state"})
-KINDS = OUTPUT_KINDS | {"memory", "sequence"}
+KINDS = OUTPUT_KINDS | {"memory", "sequence", "parameter"}
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,8 @@ class Site:
         kind: one of ``KINDS``; fixes the hook protocol (see above).
         module: dotted path of the backbone module the site hooks.
         dims: kind-specific sizes: linear ``in``/``out``; norm, branch, state, sequence ``d``;
-            memory ``heads``/``head_dim``.
+            memory ``heads``/``head_dim``; parameter ``shape``, ``param`` (its attribute name) and ``owners``
+            (every (module path, attribute) holding it).
     """
 
     name: str

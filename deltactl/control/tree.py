@@ -15,6 +15,8 @@ def _describe(site) -> str:
         return f"{d['in']}→{d['out']}"
     if site.kind == "memory":
         return f"{d['heads']}×{d['head_dim']}"
+    if site.kind == "parameter":
+        return "×".join(map(str, d["shape"]))
     return f"d={d['d']}"
 
 
@@ -24,6 +26,8 @@ def tree(model, patterns=None, attached_only: bool = False) -> str:
     Args:
         patterns: only sites matching one of these globs.
         attached_only: only sites where a delta acts.
+
+    Parameter sites (every weight) are listed where a delta acts or when ``patterns`` select them.
     """
     backbone = backbone_for(model)
     acting: dict[str, list[str]] = {}
@@ -44,6 +48,8 @@ def tree(model, patterns=None, attached_only: bool = False) -> str:
             continue
         if attached_only and site.name not in acting:
             continue
+        if site.kind == "parameter" and site.name not in acting and not patterns:
+            continue  # every weight is a site; list them when asked for, or where a delta acts
         parts = site.name.split(".")
         head = ".".join(parts[:2]) if site.layer is not None else parts[0]
         if head != group:

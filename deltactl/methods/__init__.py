@@ -1,6 +1,23 @@
 """Delta methods, one file each; importing a file registers its method."""
 
-from deltactl.methods import adapter, bitfit, lora, prefix, prompt  # noqa: F401 - registration
+from deltactl.methods import (  # noqa: F401 - registration
+    adapter,
+    bitfit,
+    compacter,
+    diff_pruning,
+    ia3,
+    last_layer,
+    ln_tuning,
+    lora,
+    lowrank_adapter,
+    mask,
+    named_parameters,
+    parallel_adapter,
+    pfeiffer,
+    prefix,
+    prompt,
+    selective,
+)
 from deltactl.methods.registry import REGISTRY, DeltaConfig, Method, get, make_config, register
 
 __all__ = ["REGISTRY", "DeltaConfig", "Method", "get", "make_config", "register"]

@@ -31,6 +31,9 @@ class Bias(nn.Module):
     def forward(self, x, y):
         return y + self.bias
 
+    def weight_laws(self, site):
+        return [("bias", lambda b: self.bias.clone() if b is None else b + self.bias)]
+
 
 def _width(site) -> int:
     return site.dims["out"] if site.kind == "linear" else site.dims["d"]

@@ -43,6 +43,9 @@ class LoRALayer(nn.Module):
         x = x if self.dropout is None else self.dropout(x)
         return y + lora_update(x, self.A, self.B, self.scale)
 
+    def weight_laws(self, site):
+        return [("weight", lambda W: W + self.scale * (self.B @ self.A))]  # W ← W + (α/r) B A
+
 
 def build(cfg, backbone, sites):
     if cfg.r < 1:

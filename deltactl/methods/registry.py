@@ -22,6 +22,11 @@ class DeltaConfig:
         """A config whose control is the identity (the pre-trained model); the config itself when δ starts at 0."""
         return self
 
+    def site_patterns(self, sites: dict[str, Site]) -> tuple[str, ...]:
+        """The site patterns on a given model; methods that choose sites from the model (the last layer, a
+        random selection) override this."""
+        return self.sites
+
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
 
@@ -75,7 +80,7 @@ def sites_of(config: DeltaConfig, sites: dict[str, Site]) -> list[Site]:
     Patterns a user gave must each match; the method's defaults may name sites that only some families have.
     """
     method = get(config.method)
-    return select(config.sites, sites, method.kinds, method.name, every=not config.default_sites)
+    return select(config.site_patterns(sites), sites, method.kinds, method.name, every=not config.default_sites)
 
 
 def make_config(name: str, **overrides) -> DeltaConfig:

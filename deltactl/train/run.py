@@ -36,7 +36,12 @@ METHOD_OPTION_DEFAULTS: dict[str, dict] = {"prompt": {"length": 20}}
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything that defines a run (stored as run.json; a rerun in the same folder must match it)."""
+    """Everything that defines a run (stored as run.json; a rerun in the same folder must match it).
+
+    ``method`` is one method, or several joined by ``+`` (a simultaneous combination: all attached, all
+    trained; then ``method_options`` maps each part's name to its options). ``after`` is the run folder of an
+    earlier stage of a sequential combination: its deltas are restored and frozen, its head continues here.
+    """
 
     method: str
     task: str
@@ -45,6 +50,15 @@ class RunSpec:
     kshot_seed: int | None = None
     max_length: int = 128
     train: TrainConfig = TrainConfig()
+    after: str | None = None
+
+    @property
+    def parts(self) -> list[tuple[str, dict]]:
+        """(method, options) of each delta this run attaches."""
+        names = self.method.split("+")
+        if len(names) == 1:
+            return [(self.method, dict(self.method_options))]
+        return [(n, dict(self.method_options.get(n, {}))) for n in names]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,11 +75,21 @@ def default_model_path() -> str:
 
 
 def build(spec: RunSpec, data=None):
-    """(task, task model, attached delta or None) for a spec; the backbone is frozen except δ and the head."""
+    """(task, task model, delta) for a one-method spec (delta None for ft); see ``build_deltas`` for several."""
+    task, task_model, deltas = build_deltas(spec, data)
+    if len(deltas) > 1:
+        raise ValueError(f"{spec.method} attaches {len(deltas)} deltas: use build_deltas")
+    return task, task_model, deltas[0] if deltas else None
+
+
+def build_deltas(spec: RunSpec, data=None):
+    """(task, task model, deltas this run trains) for a spec; the backbone is frozen except δ and the head."""
     from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    if spec.method == FULL_FINE_TUNING and spec.method_options:
-        raise ValueError("full fine-tuning (ft) takes no method options")
+    if spec.method == FULL_FINE_TUNING and (spec.method_options or spec.after):
+        raise ValueError("full fine-tuning (ft) takes no method options and no earlier stage (--after)")
+    if FULL_FINE_TUNING in spec.method.split("+") and spec.method != FULL_FINE_TUNING:
+        raise ValueError("ft (full fine-tuning) does not combine with delta methods")
     task = get_task(spec.task, data=data, kshot_seed=spec.kshot_seed)
     path = spec.model or default_model_path()
     if not Path(path).is_dir():
@@ -79,8 +103,32 @@ def build(spec: RunSpec, data=None):
     else:
         backbone = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
         task_model = classifier(task, backbone, tokenizer, spec.max_length)
-    delta = None if spec.method == FULL_FINE_TUNING else dc.attach(backbone, spec.method, **spec.method_options)
-    return task, task_model, delta
+    if spec.after:
+        _restore_stage(spec, task_model, backbone, data)
+    if spec.method == FULL_FINE_TUNING:
+        return task, task_model, []
+    deltas = [dc.attach(backbone, name, **options) for name, options in spec.parts]
+    return task, task_model, deltas
+
+
+def _restore_stage(spec: RunSpec, task_model: TaskModel, backbone, data) -> None:
+    """Attach the deltas of the earlier stage ``spec.after`` (and of its own earlier stages), load their best
+    values and the head, and freeze those deltas."""
+    folder = Path(spec.after)
+    if not (folder / "best" / "trainable.safetensors").exists():
+        raise FileNotFoundError(f"--after {folder}: no trained stage there (expected {folder}/best); train it first")
+    earlier = RunSpec.from_dict(json.loads((folder / "run.json").read_text()))
+    if (earlier.task, earlier.model, earlier.kshot_seed) != (spec.task, spec.model, spec.kshot_seed):
+        raise ValueError(f"--after {folder} was trained on another task, model or split; a stage continues its run")
+    if earlier.after:
+        _restore_stage(earlier, task_model, backbone, data)
+    stage = [dc.attach(backbone, name, **options) for name, options in earlier.parts]
+    params = dict(task_model.model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(str(folder / "best" / "trainable.safetensors")).items():
+            params[name].copy_(value)
+    for delta in stage:
+        delta.freeze()
 
 
 def trainable_parameters(task_model: TaskModel) -> dict[str, torch.nn.Parameter]:
@@ -91,8 +139,16 @@ def resolve(
     method: str, task: str, train_options: dict | None = None, method_options: dict | None = None, **spec_fields
 ) -> RunSpec:
     """A spec with the run defaults of the method, overridden by ``train_options`` and ``method_options``."""
-    train = TrainConfig(**{**METHOD_DEFAULTS.get(method, {}), **(train_options or {})})
-    options = {**METHOD_OPTION_DEFAULTS.get(method, {}), **(method_options or {})}
+    names = method.split("+")
+    if len(names) == 1:
+        defaults = METHOD_DEFAULTS.get(method, {})
+        options = {**METHOD_OPTION_DEFAULTS.get(method, {}), **(method_options or {})}
+    else:  # a combination: the gentlest lr and the longest schedule of its parts
+        parts = [METHOD_DEFAULTS.get(n, {}) for n in names]
+        defaults = {"lr": min(p.get("lr", 1e-3) for p in parts), "epochs": max(p.get("epochs", 3.0) for p in parts)}
+        given = method_options or {}
+        options = {n: {**METHOD_OPTION_DEFAULTS.get(n, {}), **given.get(n, {})} for n in names}
+    train = TrainConfig(**{**defaults, **(train_options or {})})
     return RunSpec(method=method, task=task, train=train, method_options=options, **spec_fields)
 
 
@@ -111,7 +167,7 @@ def train(spec: RunSpec, out, data=None) -> Outcome:
             )
     out.mkdir(parents=True, exist_ok=True)
     stored.write_text(json.dumps(spec.to_dict(), indent=1) + "\n")
-    task, task_model, delta = build(spec, data)
+    task, task_model, deltas = build_deltas(spec, data)
     trainable = trainable_parameters(task_model)
     eval_batch = max(spec.train.batch_size, 64)
 
@@ -119,11 +175,16 @@ def train(spec: RunSpec, out, data=None) -> Outcome:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {n: p.detach().cpu().contiguous() for n, p in trainable.items()}
         save_file(tensors, str(folder / "trainable.safetensors"))
-        if delta is not None:
-            delta.save(folder / "delta")
+        for delta in deltas:
+            delta.save(folder / ("delta" if len(deltas) == 1 else f"delta-{delta.name}"))
+
+    def loss(model, batch):  # the task loss plus the deltas' regularisers R(δ) (diff pruning's L0 term)
+        value = task_model.loss(model, batch)
+        penalty = dc.penalty(deltas[0].model) if deltas else None
+        return value if penalty is None else value + penalty
 
     return fit(
-        task_model.model, trainable, task.train, task_model.collate, task_model.loss,
+        task_model.model, trainable, task.train, task_model.collate, loss,
         lambda: task_model.evaluate(task_model.model, task.dev, eval_batch), task.main_metric,
         spec.train, out, save_best,
     )
@@ -135,7 +196,7 @@ def evaluate_run(out, split: str = "dev", data=None) -> dict:
     if not (out / "best" / "trainable.safetensors").exists():
         raise FileNotFoundError(f"{out} has no best δ yet: train it first (deltactl train ... --out {out})")
     spec = RunSpec.from_dict(json.loads((out / "run.json").read_text()))
-    task, task_model, _ = build(spec, data)
+    task, task_model, _ = build_deltas(spec, data)
     if split not in task.splits:
         raise ValueError(f"task {task.name} has no split {split!r}; it has {', '.join(task.splits)}")
     tensors = load_file(str(out / "best" / "trainable.safetensors"))

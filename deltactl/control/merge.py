@@ -1,0 +1,67 @@
+"""Merge and unmerge: write a delta's effect into the base weights, θ ← G(θ), and restore them exactly.
+
+For methods whose control is a change of weights (LoRA, BitFit, IA3, LN-tuning, diff pruning, masks,
+last-layer, selective and named-parameter tuning), the controller gives its control as laws on weights
+(``Controller.weight_laws``). Merging applies them in place and stops the delta's hooks, so the merged model
+runs at the base model's cost; its outputs equal the unmerged ones within the dtype's rounding. The weights
+a merge replaces are kept (a copy of each), so ``unmerge`` restores them bit for bit in any dtype — an
+update subtracted again would not be exact in bfloat16. A T5 linear layer has no bias: merging BitFit there
+creates one, and unmerging removes it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltactl.control.attach import Delta, _reinstall
+
+
+def merge(delta: Delta) -> None:
+    """θ ← G(θ) for every weight the delta changes; the delta then acts through the weights only."""
+    delta._check_attached()
+    if delta.merged:
+        raise RuntimeError(f"delta {delta.name!r} is already merged")
+    if not delta.active:
+        raise RuntimeError(f"delta {delta.name!r} is disabled; enable it before merging")
+    writes = [_resolve(delta.model, site, attribute, law) for site, attribute, law in delta.controller.weight_laws()]
+    saved = []
+    with torch.no_grad():
+        for module, attribute, law in writes:
+            old = module._parameters.get(attribute)
+            new = law(old)
+            if new is None:  # nothing to write (a scaling of a bias the layer does not have)
+                continue
+            if old is None:  # a registered-but-absent parameter (nn.Linear(bias=False)): create it
+                module._parameters[attribute] = nn.Parameter(new.detach().clone(), requires_grad=False)
+                saved.append((module, attribute, None))
+            else:
+                saved.append((module, attribute, old.detach().clone()))
+                old.copy_(new)
+    delta._merged = saved
+    _reinstall(delta.model, delta)
+
+
+def unmerge(delta: Delta) -> None:
+    """Put back the exact weights the merge replaced, and the delta's hooks."""
+    if not delta.merged:
+        raise RuntimeError(f"delta {delta.name!r} is not merged")
+    with torch.no_grad():
+        for module, attribute, old in reversed(delta._merged):
+            if old is None:
+                module._parameters[attribute] = None  # as it was: registered, holding None
+            else:
+                module._parameters[attribute].copy_(old)
+    delta._merged = None
+    _reinstall(delta.model, delta)
+
+
+def _resolve(model, site, attribute, law):
+    """(module, attribute, law) for a law at a site: parameter sites name their parameter, others their module's."""
+    module = model.get_submodule(site.module)
+    if attribute not in module._parameters:
+        raise ValueError(
+            f"cannot merge into {site.name!r}: its module {type(module).__name__} has no {attribute!r} to write "
+            f"(e.g. T5's RMS layer norms have no bias); choose sites whose effect is a weight change"
+        )
+    return module, attribute, law

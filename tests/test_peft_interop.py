@@ -1,0 +1,149 @@
+"""Export deltactl deltas to PEFT's saved format and import PEFT adapters: the other side is real PEFT, and the
+outputs agree on identical weights (tiny T5 and BERT, float64)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_bert, tiny_bert_batch, tiny_t5
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+    set_peft_model_state_dict,
+)
+from safetensors.torch import load_file
+
+import deltactl as dc
+
+TOL = 1e-10
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomise(delta, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def t5_out(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def bert_out(model, batch):
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+FAMILIES = {
+    "t5": (lambda: tiny_t5(), tiny_batch(), t5_out),
+    # PEFT's prompt learning for feature extraction drops token_type_ids ("not supported"): batches without them
+    "bert": (lambda: tiny_bert(head=False), {k: v for k, v in tiny_bert_batch().items() if k != "token_type_ids"},
+             bert_out),
+}
+EXPORTS = {
+    "lora": {"r": 2, "alpha": 4.0},
+    "ia3": {},
+    "prompt": {"length": 3},
+    "prefix": {"length": 3, "reparameterize": True, "mid_dim": 5},
+}
+
+
+def deltactl_batch(family, method, batch):
+    """PEFT passes a BERT prefix as a key/value cache, which moves the tokens to positions p…p+T−1; deltactl's
+    memory rows carry no position (tests/test_bert_backbone.py). Like is compared with like by giving deltactl
+    the positions PEFT uses."""
+    if family == "bert" and method == "prefix":
+        length = batch["input_ids"].shape[1]
+        return {**batch, "position_ids": torch.arange(3, 3 + length).expand(batch["input_ids"].shape[0], -1)}
+    return batch
+
+
+def peft_sites(family):
+    return ("decoder.*.attn.kv",) if family == "t5" else ("encoder.*.attn.kv",)
+
+
+@pytest.mark.parametrize("method", list(EXPORTS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_export_loads_in_peft_with_the_same_outputs(tmp_path, family, method):
+    make, batch, out = FAMILIES[family]
+    model = make()
+    reference = copy.deepcopy(model)
+    base = out(reference, batch)
+    options = dict(EXPORTS[method])
+    if method == "prefix":
+        options["sites"] = peft_sites(family)
+        # PEFT's T5 layout makes both decoder layers of the tiny model read one set of rows: tie ours likewise
+        # (BERT keeps the MLP-reparameterised prefix, exported as its rows)
+        options["reparameterize"] = family == "bert"
+    delta = dc.attach(model, method, **options)
+    randomise(delta)
+    if method == "prefix" and family == "t5":
+        with torch.no_grad():
+            rows = list(delta.controller.rows.values())
+            rows[1].copy_(rows[0])
+    ours = out(model, deltactl_batch(family, method, batch))
+    assert (ours[:, -base.shape[1] :] - base).abs().max() > 1e-3  # (BERT's states include prompt rows)
+    dc.export_peft(delta, tmp_path)
+    peft_model = PeftModel.from_pretrained(reference, tmp_path)
+    # PEFT builds prompt encoders in float32, which rounds our float64 rows while loading: widen, then load again
+    peft_model.to(torch.float64)
+    set_peft_model_state_dict(peft_model, load_file(str(tmp_path / "adapter_model.safetensors")))
+    torch.testing.assert_close(out(peft_model, batch), ours, atol=TOL, rtol=0)
+
+
+PEFT_CONFIGS = {
+    "lora": lambda family: LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"] if family == "t5" else
+                                      ["query", "value"], init_lora_weights=False),
+    "ia3": lambda family: IA3Config(
+        target_modules=["k", "v", "wo"] if family == "t5" else ["key", "value", "output.dense"],
+        feedforward_modules=["wo"] if family == "t5" else ["output.dense"], init_ia3_weights=False,
+    ),
+    "prompt": lambda family: PromptTuningConfig(
+        task_type="SEQ_2_SEQ_LM" if family == "t5" else "FEATURE_EXTRACTION", num_virtual_tokens=3),
+    "prefix": lambda family: PrefixTuningConfig(
+        task_type="SEQ_2_SEQ_LM" if family == "t5" else "FEATURE_EXTRACTION", num_virtual_tokens=3,
+        token_dim=8 if family == "t5" else 16, num_layers=2),
+}
+
+
+@pytest.mark.parametrize("method", list(PEFT_CONFIGS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_import_of_a_peft_adapter_gives_its_outputs(tmp_path, family, method):
+    make, batch, out = FAMILIES[family]
+    model = make()
+    peft_model = get_peft_model(copy.deepcopy(model), PEFT_CONFIGS[method](family))
+    peft_model.to(torch.float64)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:  # give PEFT's adapter non-trivial values
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name)), dtype=p.dtype) * 0.3)
+    expected = out(peft_model, batch)
+    peft_model.save_pretrained(tmp_path)
+    delta = dc.import_peft(model, tmp_path)
+    assert delta.config.method == method
+    torch.testing.assert_close(out(model, deltactl_batch(family, method, batch)), expected, atol=TOL, rtol=0)
+
+
+def test_what_peft_cannot_hold_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="PEFT export covers lora, ia3, prompt, prefix; this delta is 'adapter'"):
+        dc.export_peft(dc.attach(tiny_t5(), "adapter", r=2), tmp_path)
+    with pytest.raises(ValueError, match="PEFT's prefix-tuning acts at decoder.*attn.kv only"):
+        dc.export_peft(dc.attach(tiny_t5(), "prefix", length=2), tmp_path)
+    delta = dc.attach(tiny_t5(), "prefix", length=2, reparameterize=False, sites=("decoder.*.attn.kv",))
+    with pytest.raises(ValueError, match="read the same prefix rows as an earlier layer"):
+        dc.export_peft(delta, tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
+        dc.import_peft(tiny_t5(), tmp_path / "missing")
