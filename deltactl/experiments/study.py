@@ -1,0 +1,151 @@
+"""What every study script shares: its flags, its mode's settings, results.json with provenance, the figure.
+
+A study's ``run.py`` defines ``measure(settings, args) -> dict`` and ``plot(payload, path)`` and calls
+:func:`main`; ``--plot-only`` redraws ``figure.png`` from ``results.json`` without measuring anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The standard flags of experiments/README.md: --quick, --out, --data, --plot-only."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="the small CI setting (config.json 'quick')")
+    p.add_argument("--setting", help="another named block of config.json (e.g. 'reduced'); default 'full'")
+    p.add_argument("--out", help="folder for results.json and figure.png (default results/ or results-quick/)")
+    p.add_argument("--data", help="data folder (default: $DELTACTL_DATA or ../shared/data)")
+    p.add_argument("--plot-only", action="store_true", help="redraw figure.png from an existing results.json")
+    return p
+
+
+def mode(args) -> str:
+    """``quick`` (--quick), the block named by --setting, or ``full``."""
+    if args.quick and args.setting not in (None, "quick"):
+        raise ValueError(f"--quick and --setting {args.setting} contradict each other; give one")
+    return "quick" if args.quick else args.setting or "full"
+
+
+def settings(folder: Path, name: str) -> dict:
+    """The block ``name`` (quick, full, or another named setting) of ``folder/config.json``."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    blocks = [k for k, v in config.items() if isinstance(v, dict)]
+    if name not in blocks:
+        raise ValueError(f"{Path(folder) / 'config.json'} has no setting {name!r}; settings: {', '.join(blocks)}")
+    return config[name]
+
+
+def out_dir(folder: Path, args) -> Path:
+    """--out, else ``results-quick/`` (not committed) in quick mode, else ``results/``."""
+    return Path(args.out) if args.out else Path(folder) / ("results-quick" if mode(args) == "quick" else "results")
+
+
+def environment() -> dict:
+    """What the numbers were measured on."""
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "cpu_cores_allowed": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+    }
+
+
+def load_results(out: Path) -> dict:
+    path = Path(out) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the study without --plot-only first")
+    return json.loads(path.read_text())
+
+
+def save_results(out: Path, payload: dict) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(payload, indent=1, default=_plain) + "\n")
+    return path
+
+
+def _plain(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in results.json")
+
+
+def main(
+    folder: Path, measure: Callable[[dict, argparse.Namespace], dict], plot: Callable[[dict, Path], None],
+    argv=None, configure: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """Parse the flags, measure (unless --plot-only), write results.json, draw figure.png; returns 0.
+
+    Bad input (an unknown setting, no results.json to redraw, a bad flag value) prints one line and returns 2.
+    """
+    try:
+        return _main(Path(folder), measure, plot, argv, configure)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"{Path(folder).name}/run.py: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(folder: Path, measure, plot, argv, configure) -> int:
+    config = json.loads((folder / "config.json").read_text())
+    p = parser(config["description"])
+    if configure:
+        configure(p)
+    args = p.parse_args(argv)
+    out = out_dir(folder, args)
+    if args.plot_only:
+        payload = load_results(out)
+    else:
+        chosen = settings(folder, mode(args))
+        started = time.perf_counter()
+        results = measure(chosen, args)
+        payload = {
+            "study": folder.name, "mode": mode(args), "config": chosen,
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "wall_seconds": round(time.perf_counter() - started, 1), "environment": environment(),
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **results,
+        }
+        save_results(out, payload)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plot(payload, out / "figure.png")
+    print(f"{folder.name}: {out / 'results.json'} and {out / 'figure.png'}")
+    return 0
+
+
+def cache_root() -> Path:
+    """``$DELTACTL_CACHE``, else ``~/.cache/deltactl``: run folders and pre-trained checkpoints, outside the repo."""
+    return Path(os.environ.get("DELTACTL_CACHE") or Path.home() / ".cache" / "deltactl")
+
+
+def work_dir(study: str, args) -> Path:
+    """Where a study keeps its run folders (resumable; reused by later studies such as the generalisation gap)."""
+    return cache_root() / "experiments" / study / mode(args)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_std of no values")
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, var**0.5
+
+
+def threads() -> int:
+    """``$DELTACTL_THREADS`` torch threads if set (1 suits a shared machine), else every core allowed."""
+    n = int(os.environ.get("DELTACTL_THREADS") or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
