@@ -14,7 +14,6 @@ interrupted full run resumes (and ``--seeds`` runs a subset; the summary covers 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, str(HERE))
 
 from prefixes import prefix_model  # noqa: E402
 
+from deltactl.experiments import study  # noqa: E402
 from deltactl.inference import RobustPrefix, fit_manifold  # noqa: E402
 from deltactl.inference.attacks import insert_trigger, perturb, universal_trigger, word_vocabulary  # noqa: E402
 
@@ -167,15 +167,11 @@ def plot(results, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small setting that runs in about a minute")
-    parser.add_argument("--out", type=Path, default=None, help="folder for results.json and figure.png")
-    parser.add_argument("--data", default=None, help="data folder (default: ../shared/data or DELTACTL_DATA)")
-    parser.add_argument("--plot-only", action="store_true", help="redraw figure.png from an existing results.json")
+    parser = study.parser(__doc__.splitlines()[0])  # the flags every study shares
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these seeds of the config")
     args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    out = args.out or HERE / ("results-quick" if args.quick else "results")
+    mode = study.mode(args)
+    out = study.out_dir(HERE, args)
     out.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
         plot(json.loads((out / "results.json").read_text()), out / "figure.png")
