@@ -124,6 +124,17 @@ def _main(folder: Path, measure, plot, argv, configure) -> int:
     return 0
 
 
+def begin(folder: Path, args, plot: Callable[[dict, Path], None]) -> tuple[str, Path, dict] | None:
+    """For scripts that write results.json themselves: (mode, output folder, created, and the mode's settings);
+    None once ``--plot-only`` has redrawn figure.png from the stored results."""
+    out = out_dir(folder, args)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        plot(load_results(out), out / "figure.png")
+        return None
+    return mode(args), out, settings(folder, mode(args))
+
+
 def cache_root() -> Path:
     """``$DELTACTL_CACHE``, else ``~/.cache/deltactl``: run folders and pre-trained checkpoints, outside the repo."""
     return Path(os.environ.get("DELTACTL_CACHE") or Path.home() / ".cache" / "deltactl")

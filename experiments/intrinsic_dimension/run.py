@@ -132,13 +132,10 @@ def main(argv=None):
     parser.add_argument("--tasks", help="comma-separated subset of the config's tasks (runs can then go in parallel; "
                         "each adds its tasks to an existing results.json of the same mode)")
     args = parser.parse_args(argv)
-    mode = study.mode(args)
-    out = study.out_dir(HERE, args)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.plot_only:
-        plot(json.loads((out / "results.json").read_text()), out / "figure.png")
+    started = study.begin(HERE, args, plot)
+    if started is None:  # --plot-only: the figure is redrawn
         return
-    cfg = json.loads((HERE / "config.json").read_text())[mode]
+    mode, out, cfg = started
     names = args.tasks.split(",") if args.tasks else cfg["tasks"]
     unknown = [n for n in names if n not in cfg["tasks"]]
     if unknown:

@@ -215,13 +215,10 @@ def main(argv=None):
     parser.add_argument("--seeds", help="comma-separated subset of the config's k-shot seeds (runs can then go in "
                         "parallel; each adds its seeds to an existing results.json of the same mode)")
     args = parser.parse_args(argv)
-    mode = study.mode(args)
-    out = study.out_dir(HERE, args)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.plot_only:
-        plot(json.loads((out / "results.json").read_text()), out / "figure.png")
+    started = study.begin(HERE, args, plot)
+    if started is None:  # --plot-only: the figure is redrawn
         return
-    cfg = json.loads((HERE / "config.json").read_text())[mode]
+    mode, out, cfg = started
     chosen = [int(s) for s in args.seeds.split(",")] if args.seeds else cfg["kshot_seeds"]
     if any(s not in cfg["kshot_seeds"] for s in chosen):
         raise SystemExit(f"--seeds must be among this mode's seeds {cfg['kshot_seeds']}, got {chosen}")

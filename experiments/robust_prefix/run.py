@@ -170,13 +170,10 @@ def main(argv=None):
     parser = study.parser(__doc__.splitlines()[0])  # the flags every study shares
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these seeds of the config")
     args = parser.parse_args(argv)
-    mode = study.mode(args)
-    out = study.out_dir(HERE, args)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.plot_only:
-        plot(json.loads((out / "results.json").read_text()), out / "figure.png")
+    started = study.begin(HERE, args, plot)
+    if started is None:  # --plot-only: the figure is redrawn
         return
-    cfg = json.loads((HERE / "config.json").read_text())[mode]
+    mode, out, cfg = started
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     from transformers import AutoTokenizer
 
