@@ -70,23 +70,18 @@ def lora_rank_and_merge(r: int = 4) -> tuple[float, str]:
     model.eval()
     with torch.no_grad():
         unmerged = model(**batch).logits
-    updates, rank_err = {}, 0.0
+    sites, rank_err = 0, 0.0
     for site in delta.controller.sites:
         layer = delta.controller.layers[site_key(site.name)]  # LoRA's per-site A (r × d_in), B (d_out × r), scale
-        dW = (layer.scale * layer.B @ layer.A).detach()
-        s = torch.linalg.svdvals(dW)
+        s = torch.linalg.svdvals((layer.scale * layer.B @ layer.A).detach())
         rank_err = max(rank_err, (s[r] / s[0]).item())
-        updates[site.module] = dW
-    delta.detach()
-    saved = {m: model.get_submodule(m).weight.detach().clone() for m in updates}
+        sites += 1
     with torch.no_grad():
-        for m, dW in updates.items():
-            model.get_submodule(m).weight.add_(dW)
+        delta.merge()  # W ← W + (α/r) B A at every site, the delta's hooks removed
         merged = model(**batch).logits
-        for m, w in saved.items():
-            model.get_submodule(m).weight.copy_(w)
+    delta.detach()  # unmerges: the exact weights come back
     merge_err = _max_rel(merged, unmerged)
-    return max(rank_err, merge_err), (f"{len(updates)} sites, r = {r}: max σ_(r+1)/σ_1 = {rank_err:.1e}, "
+    return max(rank_err, merge_err), (f"{sites} sites, r = {r}: max σ_(r+1)/σ_1 = {rank_err:.1e}, "
                                       f"merged vs unmerged logits {merge_err:.1e}")
 
 
