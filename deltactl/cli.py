@@ -122,7 +122,8 @@ def cmd_train(args):
     }
     spec = run.resolve(
         name, args.task, train_options, model=args.model, method_options=options,
-        kshot_seed=args.kshot_seed, max_length=args.max_length, after=args.after,
+        kshot_seed=args.kshot_seed, max_length=args.max_length, after=args.after, head=args.head,
+        predict=args.predict,
     )
     out = args.out or f"runs/{args.task}-{args.method.replace(':', '_')}-seed{spec.train.seed}"
     if args.after and not args.out:
@@ -188,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/TASK-METHOD-seedS); rerun to resume")
     p.add_argument("--kshot-seed", type=int, help="train on the 16-shot LM-BFF split of this seed")
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--head", choices=("linear", "label_words"), default="linear",
+                   help="encoder head: a trained linear layer, or a frozen label-word head (cosine to each class's "
+                   "verbaliser word) so that δ alone carries the task")
+    p.add_argument("--predict", choices=("rank", "generate"), default="rank",
+                   help="how a T5 picks a class: the most likely verbalised label (rank) or greedy decoding")
     for flag, kind in (("lr", float), ("epochs", float), ("batch-size", int), ("eval-every", int),
                        ("patience", int), ("seed", int), ("stop-after", int)):
         p.add_argument(f"--{flag}", type=kind, help="default: the method's setting (docs/training.md)")

@@ -19,8 +19,8 @@ from deltactl.subspace import (
     plot_d90,
     subspace,
 )
-from deltactl.subspace.heads import LabelWordClassifier
 from deltactl.train.loop import TrainConfig, fit
+from deltactl.train.models import LabelWordClassifier
 
 CASES = {
     "t5": (tiny_t5, tiny_batch, lambda m, b: m(**b).logits, lambda b: {**b, "labels": b["decoder_input_ids"]}),

@@ -1,4 +1,21 @@
-"""Models a task trains: an encoder classifier (mean pooling + linear head) or a text-to-text T5 that generates."""
+"""Models a task trains: an encoder classifier (mean pooling + a linear or a label-word head) or a text-to-text T5.
+
+Heads of an encoder, over the mean-pooled final states h̄ = mean_t h_t:
+
+- ``linear``: logits = W h̄ + b, trained with δ (the usual fine-tuning head; it maps to one task's label indices);
+- ``label_words``: logits_c = τ · cos(h̄, e_c), with e_c the encoder's own mean-pooled embedding of class c's
+  verbaliser word (e.g. "negative", "positive"), computed once with the pre-trained weights and frozen. Nothing
+  outside δ trains, so a δ carries the whole task: it transfers to any classification task by swapping the words,
+  d = 0 in a subspace is the zero-shot model, and for a sentence-embedding model such as all-MiniLM-L6-v2 the
+  head is a zero-shot classifier (τ = 20 as in sentence-transformers' contrastive losses). Tuning δ moves the
+  sentence embeddings toward the right label word, the role a verbaliser plays in prompt tuning (Lester et al.
+  2021; Qin et al. 2021).
+
+A text-to-text T5 predicts a class by rank classification (default): the class whose verbalised target has the
+highest log-likelihood Σ_t log p(y_t | y_<t, x) under teacher forcing, so every prediction is a valid label even
+for a model that does not yet generate one; ``generate`` decodes greedily and parses the text (regression tasks
+always generate).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +25,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+HEADS = ("linear", "label_words")
+PREDICTIONS = ("rank", "generate")
+
+
+def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.unsqueeze(-1).to(h.dtype)
+    return (h * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 class SequenceClassifier(nn.Module):
@@ -22,8 +47,28 @@ class SequenceClassifier(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         states = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         h = states.last_hidden_state[:, -input_ids.shape[1] :]  # rows a controller put in front are not pooled
-        mask = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.head((h * mask).sum(1) / mask.sum(1).clamp(min=1))
+        return self.head(mean_pool(h, attention_mask))
+
+
+class LabelWordClassifier(nn.Module):
+    """logits = τ · cos(pool(encoder(x)), e_c) with frozen label-word embeddings e_c (a buffer, not a parameter)."""
+
+    def __init__(self, encoder: nn.Module, tokenizer, label_words: list[str], scale: float = 20.0):
+        super().__init__()
+        if not label_words:
+            raise ValueError("a label-word head needs at least one label word (a regression task has none)")
+        self.bert = encoder  # the attribute the BERT backbone looks for
+        self.config = encoder.config
+        self.scale = scale
+        words = tokenizer(label_words, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            h = encoder(**words).last_hidden_state
+        self.register_buffer("labels", F.normalize(mean_pool(h, words["attention_mask"]), dim=-1))
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        h = h.last_hidden_state[:, -input_ids.shape[1]:]  # rows a prompt put in front are not pooled
+        return self.scale * F.normalize(mean_pool(h, attention_mask), dim=-1) @ self.labels.T
 
 
 @dataclass
@@ -37,9 +82,17 @@ class TaskModel:
     head: list[str]  # names of task-head parameters that train with δ
 
 
-def classifier(task, encoder, tokenizer, max_length: int) -> TaskModel:
-    outputs = 1 if task.is_regression else len(task.labels)
-    model = SequenceClassifier(encoder, outputs)
+def classifier(task, encoder, tokenizer, max_length: int, head: str = "linear") -> TaskModel:
+    """An encoder with a ``linear`` head (trained with δ) or a frozen ``label_words`` head (see the module)."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; heads: {', '.join(HEADS)}")
+    if head == "label_words":
+        if task.is_regression:
+            raise ValueError(f"{task.name} is a regression task: it has no label words; use the linear head")
+        words = [task.verbalizer[label].replace("_", " ") for label in task.labels]
+        model = LabelWordClassifier(encoder, tokenizer, words)
+    else:
+        model = SequenceClassifier(encoder, 1 if task.is_regression else len(task.labels))
 
     def collate(examples):
         pairs = [e.text_b for e in examples]
@@ -70,10 +123,34 @@ def classifier(task, encoder, tokenizer, max_length: int) -> TaskModel:
             references += labels.tolist()
         return task.metric(predictions, references)
 
-    return TaskModel(model, collate, loss, evaluate, head=[f"head.{n}" for n, _ in model.head.named_parameters()])
+    trained_head = [f"head.{n}" for n, _ in model.head.named_parameters()] if head == "linear" else []
+    return TaskModel(model, collate, loss, evaluate, head=trained_head)
 
 
-def text_to_text(task, model, tokenizer, max_length: int, max_new_tokens: int = 8) -> TaskModel:
+def class_log_likelihoods(model, input_ids, attention_mask, class_targets: torch.Tensor) -> torch.Tensor:
+    """(batch, classes) Σ_t log p(y_t | y_<t, x) of each class's target token row (-100 pads a row's end).
+
+    One teacher-forced forward per class through the whole model, so a controller that changes the inputs
+    (a prompt's rows, a prefix's memory) acts exactly as it does in training.
+    """
+    scores = []
+    for target in class_targets:
+        labels = target.expand(input_ids.shape[0], -1).contiguous()
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits
+        picked = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        scores.append((picked * (labels != -100)).sum(-1))
+    return torch.stack(scores, dim=-1)
+
+
+def text_to_text(task, model, tokenizer, max_length: int, max_new_tokens: int = 8, predict: str = "rank") -> TaskModel:
+    """A seq2seq model trained on (source text, verbalised label); predictions by ``rank`` or ``generate``."""
+    if predict not in PREDICTIONS:
+        raise ValueError(f"unknown prediction mode {predict!r}; modes: {', '.join(PREDICTIONS)}")
+    rank = predict == "rank" and not task.is_regression
+    if rank:  # every class's target tokens, padded with -100 to one length
+        words = tokenizer([task.verbalizer[label] for label in task.labels], padding=True, return_tensors="pt")
+        class_targets = words["input_ids"].masked_fill(words["attention_mask"] == 0, -100)
+
     def collate(examples):
         batch = tokenizer(
             [task.source_text(e) for e in examples], truncation=True, max_length=max_length, padding=True,
@@ -92,13 +169,18 @@ def text_to_text(task, model, tokenizer, max_length: int, max_new_tokens: int = 
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             batch = collate(chunk)
+            references += [task.label_index(e) for e in chunk]
+            if rank:
+                scores = class_log_likelihoods(model, batch["input_ids"].to(device),
+                                               batch["attention_mask"].to(device), class_targets.to(device))
+                predictions += scores.argmax(-1).tolist()
+                continue
             generated = model.generate(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                 max_new_tokens=max_new_tokens, do_sample=False,
             )
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
             predictions += [task.parse_target(t.strip()) for t in texts]
-            references += [task.label_index(e) for e in chunk]
         return task.metric(predictions, references)
 
     return TaskModel(model, collate, loss, evaluate, head=[])

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import deltactl as dc
 from deltactl.tasks import get_task
 from deltactl.train.loop import Outcome, TrainConfig, fit
-from deltactl.train.models import TaskModel, classifier, text_to_text
+from deltactl.train.models import HEADS, PREDICTIONS, TaskModel, classifier, text_to_text
 
 FULL_FINE_TUNING = "ft"
 
@@ -41,6 +41,8 @@ class RunSpec:
     ``method`` is one method, or several joined by ``+`` (a simultaneous combination: all attached, all
     trained; then ``method_options`` maps each part's name to its options). ``after`` is the run folder of an
     earlier stage of a sequential combination: its deltas are restored and frozen, its head continues here.
+    ``head`` is an encoder's head (``linear`` or a frozen ``label_words`` head) and ``predict`` how a T5 picks a
+    class (``rank`` or ``generate``); see ``deltactl.train.models``.
     """
 
     method: str
@@ -51,6 +53,14 @@ class RunSpec:
     max_length: int = 128
     train: TrainConfig = TrainConfig()
     after: str | None = None
+    head: str = "linear"
+    predict: str = "rank"
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; heads: {', '.join(HEADS)}")
+        if self.predict not in PREDICTIONS:
+            raise ValueError(f"unknown prediction mode {self.predict!r}; modes: {', '.join(PREDICTIONS)}")
 
     @property
     def parts(self) -> list[tuple[str, dict]]:
@@ -98,11 +108,17 @@ def build_deltas(spec: RunSpec, data=None):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     torch.manual_seed(spec.train.seed)  # the head's initial weights, and δ's
     if config.is_encoder_decoder:
+        if spec.head != "linear":
+            raise ValueError(f"head {spec.head!r} is for encoders; a T5 ({path}) answers in words: leave the head "
+                             "unset and choose how it predicts with predict='rank' or 'generate'")
         backbone = AutoModelForSeq2SeqLM.from_pretrained(path, attn_implementation="eager", local_files_only=True)
-        task_model = text_to_text(task, backbone, tokenizer, spec.max_length)
+        task_model = text_to_text(task, backbone, tokenizer, spec.max_length, predict=spec.predict)
     else:
+        if spec.predict != "rank":
+            raise ValueError(f"predict={spec.predict!r} is for text-to-text models; an encoder ({path}) predicts "
+                             "through its head (head='linear' or 'label_words')")
         backbone = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
-        task_model = classifier(task, backbone, tokenizer, spec.max_length)
+        task_model = classifier(task, backbone, tokenizer, spec.max_length, head=spec.head)
     if spec.after:
         _restore_stage(spec, task_model, backbone, data)
     if spec.method == FULL_FINE_TUNING:
@@ -118,8 +134,10 @@ def _restore_stage(spec: RunSpec, task_model: TaskModel, backbone, data) -> None
     if not (folder / "best" / "trainable.safetensors").exists():
         raise FileNotFoundError(f"--after {folder}: no trained stage there (expected {folder}/best); train it first")
     earlier = RunSpec.from_dict(json.loads((folder / "run.json").read_text()))
-    if (earlier.task, earlier.model, earlier.kshot_seed) != (spec.task, spec.model, spec.kshot_seed):
-        raise ValueError(f"--after {folder} was trained on another task, model or split; a stage continues its run")
+    same = ("task", "model", "kshot_seed", "head")
+    if [getattr(earlier, k) for k in same] != [getattr(spec, k) for k in same]:
+        raise ValueError(f"--after {folder} was trained on another task, model, split or head; a stage continues "
+                         "its run")
     if earlier.after:
         _restore_stage(earlier, task_model, backbone, data)
     stage = [dc.attach(backbone, name, **options) for name, options in earlier.parts]

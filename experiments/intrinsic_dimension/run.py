@@ -4,7 +4,7 @@ For each task (its LM-BFF 16-shot training split, scored on a sample of its test
 encoder gives the reference metric; then, for each d of the grid, DID and SAID train the same weights inside
 a random d-dimensional Fastfood subspace
 (θ = θ₀ + (λ ⊙) P z) for the same number of steps. The head is the frozen label-word head of
-``deltactl.subspace.heads`` (cosine to the encoder's own embedding of each label word), so nothing trains outside
+``deltactl.train.models`` (cosine to the encoder's own embedding of each label word), so nothing trains outside
 the subspace and d = 0 is the zero-shot model. ``exclude`` (config) keeps the word-embedding table out of
 both, fine-tuning and subspace alike: half of MiniLM's 22.7M weights, rows of tokens a 16-shot set never uses,
 and half the projection's cost. d90 is the smallest d reaching 90% of full fine-tuning.
@@ -35,8 +35,8 @@ HERE = Path(__file__).resolve().parent
 def load(task_name, cfg, data):
     from transformers import AutoModel, AutoTokenizer
 
-    from deltactl.subspace.heads import label_word_task_model
     from deltactl.tasks import get_task
+    from deltactl.train.models import classifier
     from deltactl.train.run import default_model_path
 
     task = get_task(task_name, data=data, kshot_seed=cfg["kshot_seed"])  # the LM-BFF 16-shot split
@@ -46,7 +46,7 @@ def load(task_name, cfg, data):
     rng = random.Random(cfg["seed"])
     train = rng.sample(task.train, min(cfg["train_examples"], len(task.train)))
     dev = rng.sample(task.test, min(cfg["eval_examples"], len(task.test)))  # scored on a sample of the test set
-    return task, label_word_task_model(task, encoder, tokenizer, cfg["max_length"]), train, dev
+    return task, classifier(task, encoder, tokenizer, cfg["max_length"], head="label_words"), train, dev
 
 
 def train_and_score(model, trainable, tm, train, dev, task, cfg, lr):

@@ -1,6 +1,6 @@
 """Intrinsic prompt tuning (Qin et al., "Exploring universal intrinsic task subspace via prompt tuning").
 
-On all-MiniLM-L6-v2 with the frozen label-word head of ``deltactl.subspace.heads`` (nothing but the prompt, or z,
+On all-MiniLM-L6-v2 with the frozen label-word head of ``deltactl.train.models`` (nothing but the prompt, or z,
 trains), for each k-shot seed:
   0. plain prompt tuning (p soft tokens) on every task, seen and unseen: the reference metric;
   1. an autoencoder ``PromptAutoencoder`` (Proj: ℝ^{p·h} → ℝ^{d_I}; Back: ℝ^{d_I} → hidden → ℝ^{p·h} through tanh)
@@ -70,8 +70,8 @@ def setup(cfg, seed, data):
     from transformers import AutoModel, AutoTokenizer
 
     import deltactl as dc
-    from deltactl.subspace.heads import label_word_task_model
     from deltactl.tasks import get_task
+    from deltactl.train.models import classifier
     from deltactl.train.run import default_model_path
 
     path = default_model_path()
@@ -82,7 +82,8 @@ def setup(cfg, seed, data):
     tasks = {}
     for name in cfg["seen"] + cfg["unseen"]:
         task = get_task(name, data=data, kshot_seed=seed)
-        tm = label_word_task_model(task, encoder, tokenizer, cfg["max_length"])  # label embeddings without prompt
+        # the label embeddings are computed now, before any prompt is attached
+        tm = classifier(task, encoder, tokenizer, cfg["max_length"], head="label_words")
         dev = random.Random(seed).sample(task.test, min(cfg["eval_examples"], len(task.test)))
         tasks[name] = (task, tm, dev)
     zero_shot = {n: score(tm, tm.model, dev, t.main_metric) for n, (t, tm, dev) in tasks.items()}
