@@ -123,7 +123,7 @@ def cmd_train(args):
     spec = run.resolve(
         name, args.task, train_options, model=args.model, method_options=options,
         kshot_seed=args.kshot_seed, max_length=args.max_length, after=args.after, head=args.head,
-        predict=args.predict,
+        predict=args.predict, template=args.template,
     )
     out = args.out or f"runs/{args.task}-{args.method.replace(':', '_')}-seed{spec.train.seed}"
     if args.after and not args.out:
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "verbaliser word) so that δ alone carries the task")
     p.add_argument("--predict", choices=("rank", "generate"), default="rank",
                    help="how a T5 picks a class: the most likely verbalised label (rank) or greedy decoding")
+    p.add_argument("--template", action="store_true", help="a T5 reads the task through LM-BFF's manual template, "
+                   "its blank as the first sentinel (e.g. '<S1> It was <extra_id_0> .' → '<extra_id_0> great')")
     for flag, kind in (("lr", float), ("epochs", float), ("batch-size", int), ("eval-every", int),
                        ("patience", int), ("seed", int), ("stop-after", int)):
         p.add_argument(f"--{flag}", type=kind, help="default: the method's setting (docs/training.md)")

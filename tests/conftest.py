@@ -124,3 +124,24 @@ CASES = {f"t5_{name}": Case("t5", variant) for name, variant in VARIANTS.items()
 @pytest.fixture(params=list(CASES))
 def case(request):
     return CASES[request.param]
+
+
+@pytest.fixture(scope="session")
+def t5_folder(tmp_path_factory):
+    """A tiny random T5 saved as an ordinary checkpoint, with MiniLM's WordPiece tokenizer beside it (the layout of
+    ``deltactl pretrain-t5``'s checkpoints)."""
+    from transformers import AutoTokenizer
+
+    from deltactl.train.run import default_model_path
+
+    folder = tmp_path_factory.mktemp("t5")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2,
+        decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.sep_token_id, dropout_rate=0.0,
+    )
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 from deltactl.tasks import data_dir
 from deltactl.train import run
@@ -21,22 +20,6 @@ try:
 except FileNotFoundError:  # the real data is not on this machine
     DATA = None
 needs_data = pytest.mark.skipif(DATA is None, reason="the benchmark data folder (../shared/data) is absent")
-
-
-@pytest.fixture(scope="module")
-def t5_folder(tmp_path_factory):
-    """A tiny random T5 saved as an ordinary checkpoint, with MiniLM's WordPiece tokenizer beside it."""
-    folder = tmp_path_factory.mktemp("t5")
-    tokenizer = AutoTokenizer.from_pretrained(run.default_model_path())
-    config = T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2,
-        decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.sep_token_id, dropout_rate=0.0,
-    )
-    torch.manual_seed(0)
-    T5ForConditionalGeneration(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def spec(method, model=None, **train):

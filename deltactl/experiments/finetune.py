@@ -59,20 +59,22 @@ def epochs_for(steps: int, n_train: int, batch_size: int) -> float:
 
 def run_budgeted(
     method: str, task: str, seed: int, budget: Budget, out, data=None, model: str | None = None,
-    method_options: dict | None = None, keep_weights: bool = False, head: str = "linear",
+    method_options: dict | None = None, keep_weights: bool = False, head: str = "linear", template: bool = False,
 ) -> dict:
     """Train ``method`` on ``task`` within ``budget``; returns (and stores as ``out/result.json``) the record.
 
     The record holds the evaluation log (metric vs step), the outcome, the number of trainable parameters and
     the best δ's metrics on the training subset and the dev subset. A finished run with the same settings in
     ``out`` is reused, so an interrupted study resumes where it stopped. ``head`` is the encoder's head
-    (``deltactl.train.models``): with ``label_words`` nothing but δ trains, so δ alone carries the task.
+    (``deltactl.train.models``): with ``label_words`` nothing but δ trains, so δ alone carries the task;
+    ``template`` makes a T5 read the task through its manual template (``deltactl.tasks.templates``).
     """
     out = Path(out)
     key = {"method": method, "task": task, "seed": seed, "budget": asdict(budget), "model": model,
            "method_options": method_options or {}}
-    if head != "linear":  # recorded only when set, so records of linear-head runs stay valid
-        key["head"] = head
+    for name, value, default in (("head", head, "linear"), ("template", template, False)):
+        if value != default:  # recorded only when set, so the records of earlier runs stay valid
+            key[name] = value
     stored, started_key = out / "result.json", out / "key.json"
     if stored.exists() and json.loads(stored.read_text()).get("key") == key:
         return json.loads(stored.read_text())
@@ -84,6 +86,7 @@ def run_budgeted(
     spec = run.resolve(
         method, task, {"batch_size": budget.batch_size, "eval_every": budget.eval_every, "seed": seed, "epochs": 1.0},
         method_options=method_options, model=model, max_length=budget.max_length, head=head,
+        template=template,
     )
     task_obj, task_model, delta = run.build(spec, data)
     train_set = subset(task_obj.train, budget.train_examples)

@@ -17,7 +17,8 @@ class TaskSpec:
     """Where a task's files are, how to read them and how to present the task to a model.
 
     `prompt` is the T5 input with {a} and {b} for the texts; `verbalizer` maps each label string, in label order, to
-    its target word ({} for regression); `kshot` is the k-shot file format (None: no k-shot splits).
+    its target word ({} for regression); `kshot` is the k-shot file format (None: no k-shot splits);
+    `answer_prefix` goes before the word in a T5 target (a template's blank: ``deltactl.tasks.templates``).
     """
 
     name: str
@@ -30,6 +31,7 @@ class TaskSpec:
     kshot: Tsv | Csv | None = None
     kshot_files: Mapping[str, str] = field(default_factory=dict)  # split -> file name, where not <split>.<ext>
     topic: bool = False  # a topic/ set: dev and test JSON of {"ori", "label"}, no train file
+    answer_prefix: str = ""
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -96,7 +98,11 @@ class Task:
         """The verbalised label; an STS-B score is rounded to the nearest 0.2 and written with one decimal, as in T5."""
         if self.is_regression:
             return f"{round(float(example.label) * 5) / 5:.1f}"
-        return self.verbalizer[example.label]
+        return self.spec.answer_prefix + self.verbalizer[example.label]
+
+    def class_targets(self) -> list[str]:
+        """Every class's target text, in label order (what rank classification scores)."""
+        return [self.spec.answer_prefix + word for word in self.verbalizer.values()]
 
     def label_index(self, example: Example) -> int | float:
         """Class index into `labels` (the score as a float for regression)."""
@@ -107,8 +113,12 @@ class Task:
         return self._index[example.label]
 
     def parse_target(self, text: str) -> int | float | None:
-        """Inverse of target_text for generated text (case and outer whitespace ignored); None if unparseable."""
+        """Inverse of target_text for generated text (case, outer whitespace and the answer prefix ignored); None if
+        unparseable."""
         text = text.strip()
+        prefix = self.spec.answer_prefix.strip().lower()
+        if prefix and text.lower().startswith(prefix):
+            text = text[len(prefix):].strip()
         if not self.is_regression:
             return self._parse.get(text.lower())
         try:

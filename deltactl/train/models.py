@@ -148,7 +148,7 @@ def text_to_text(task, model, tokenizer, max_length: int, max_new_tokens: int = 
         raise ValueError(f"unknown prediction mode {predict!r}; modes: {', '.join(PREDICTIONS)}")
     rank = predict == "rank" and not task.is_regression
     if rank:  # every class's target tokens, padded with -100 to one length
-        words = tokenizer([task.verbalizer[label] for label in task.labels], padding=True, return_tensors="pt")
+        words = tokenizer(task.class_targets(), padding=True, return_tensors="pt")
         class_targets = words["input_ids"].masked_fill(words["attention_mask"] == 0, -100)
 
     def collate(examples):

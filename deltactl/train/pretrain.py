@@ -243,3 +243,19 @@ def pretrain(config: PretrainConfig, out=None, data=None, tokenizer_path: str | 
     }
     (out / "pretrain.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def pretrained(config: PretrainConfig, out=None, data=None) -> tuple[Path, dict]:
+    """(folder, record) of a checkpoint pre-trained with exactly ``config``: the one in ``out`` (default
+    ``default_dir(config.size)``) when its pretrain.json holds the same settings, else pre-trained there now.
+
+    Studies share checkpoints this way: the same settings are trained once, whichever study asks first.
+    """
+    folder = Path(out) if out else default_dir(config.size)
+    stored = folder / "pretrain.json"
+    wanted = json.loads(json.dumps(asdict(config)))  # tuples → lists, as stored
+    if stored.exists():
+        record = json.loads(stored.read_text())
+        if record["config"] == wanted:
+            return folder, record
+    return folder, pretrain(config, folder, data=data)

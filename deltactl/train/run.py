@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import deltactl as dc
 from deltactl.tasks import get_task
+from deltactl.tasks.templates import blank_token, templated
 from deltactl.train.loop import Outcome, TrainConfig, fit
 from deltactl.train.models import HEADS, PREDICTIONS, TaskModel, classifier, text_to_text
 
@@ -42,7 +43,8 @@ class RunSpec:
     trained; then ``method_options`` maps each part's name to its options). ``after`` is the run folder of an
     earlier stage of a sequential combination: its deltas are restored and frozen, its head continues here.
     ``head`` is an encoder's head (``linear`` or a frozen ``label_words`` head) and ``predict`` how a T5 picks a
-    class (``rank`` or ``generate``); see ``deltactl.train.models``.
+    class (``rank`` or ``generate``); see ``deltactl.train.models``. ``template``: a T5 reads the task through its
+    manual template (``deltactl.tasks.templates``) instead of the T5 task prefix.
     """
 
     method: str
@@ -55,6 +57,7 @@ class RunSpec:
     after: str | None = None
     head: str = "linear"
     predict: str = "rank"
+    template: bool = False
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -111,12 +114,15 @@ def build_deltas(spec: RunSpec, data=None):
         if spec.head != "linear":
             raise ValueError(f"head {spec.head!r} is for encoders; a T5 ({path}) answers in words: leave the head "
                              "unset and choose how it predicts with predict='rank' or 'generate'")
+        if spec.template:
+            task = templated(task, blank_token(tokenizer))
         backbone = AutoModelForSeq2SeqLM.from_pretrained(path, attn_implementation="eager", local_files_only=True)
         task_model = text_to_text(task, backbone, tokenizer, spec.max_length, predict=spec.predict)
     else:
-        if spec.predict != "rank":
-            raise ValueError(f"predict={spec.predict!r} is for text-to-text models; an encoder ({path}) predicts "
-                             "through its head (head='linear' or 'label_words')")
+        if spec.predict != "rank" or spec.template:
+            what = "template=True" if spec.template else f"predict={spec.predict!r}"
+            raise ValueError(f"{what} is for text-to-text models; an encoder ({path}) reads the text as it is and "
+                             "predicts through its head (head='linear' or 'label_words')")
         backbone = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
         task_model = classifier(task, backbone, tokenizer, spec.max_length, head=spec.head)
     if spec.after:
@@ -134,10 +140,10 @@ def _restore_stage(spec: RunSpec, task_model: TaskModel, backbone, data) -> None
     if not (folder / "best" / "trainable.safetensors").exists():
         raise FileNotFoundError(f"--after {folder}: no trained stage there (expected {folder}/best); train it first")
     earlier = RunSpec.from_dict(json.loads((folder / "run.json").read_text()))
-    same = ("task", "model", "kshot_seed", "head")
+    same = ("task", "model", "kshot_seed", "head", "template")
     if [getattr(earlier, k) for k in same] != [getattr(spec, k) for k in same]:
-        raise ValueError(f"--after {folder} was trained on another task, model, split or head; a stage continues "
-                         "its run")
+        raise ValueError(f"--after {folder} was trained on another task, model, split, head or template; a stage "
+                         "continues its run")
     if earlier.after:
         _restore_stage(earlier, task_model, backbone, data)
     stage = [dc.attach(backbone, name, **options) for name, options in earlier.parts]

@@ -1,17 +1,21 @@
-"""d90 of all-MiniLM-L6-v2 on real tasks, DID vs SAID (Aghajanyan, Zettlemoyer & Gupta, ACL 2021).
+"""Intrinsic dimension across models: d90 with DID (and SAID) (Aghajanyan, Zettlemoyer & Gupta, ACL 2021;
+Ding et al. 2023, the intrinsic-dimension study).
 
-For each task (its LM-BFF 16-shot training split, scored on a sample of its test set): full fine-tuning of the
-encoder gives the reference metric; then, for each d of the grid, DID and SAID train the same weights inside
-a random d-dimensional Fastfood subspace
-(θ = θ₀ + (λ ⊙) P z) for the same number of steps. The head is the frozen label-word head of
-``deltactl.train.models`` (cosine to the encoder's own embedding of each label word), so nothing trains outside
-the subspace and d = 0 is the zero-shot model. ``exclude`` (config) keeps the word-embedding table out of
-both, fine-tuning and subspace alike: half of MiniLM's 22.7M weights, rows of tokens a 16-shot set never uses,
-and half the projection's cost. d90 is the smallest d reaching 90% of full fine-tuning.
-The Adam learning rate of z is lr_scale / √d: each step then moves the weights by about lr_scale in norm
-whatever d is (P has unit columns).
+For each model of the config and each task: full fine-tuning of the model's weights gives the reference metric;
+then, for each d of the grid, DID (θ = θ₀ + P z) and SAID (θ = θ₀ + λ ⊙ P z) train the same weights inside a random
+d-dimensional Fastfood subspace for the same number of steps. d90 is the smallest d reaching 90 % of full
+fine-tuning. The paper's finding: pre-training lowers the intrinsic dimension, and larger pre-trained models have
+a smaller one.
 
-    python experiments/intrinsic_dimension/run.py [--quick] [--out DIR] [--data DIR] [--plot-only]
+Models: all-MiniLM-L6-v2 with the frozen label-word head of ``deltactl.train.models`` (cosine to the encoder's own
+embedding of each label word: nothing trains outside the subspace, and d = 0 is the zero-shot model); the same
+architecture from a random initialisation (what pre-training buys); and T5s pre-trained here with span corruption
+(``deltactl.train.pretrain.pretrained``, the checkpoints the scale study uses), trained text-to-text and scored
+by rank classification. ``exclude`` keeps the word-embedding tables out of both fine-tuning and the subspace (rows
+of tokens a small training set never uses, and most of a small model's weights). The Adam learning rate of z is
+lr_scale / √d: each step then moves the weights by about lr_scale in norm whatever d is (P has unit columns).
+
+    python experiments/intrinsic_dimension/run.py [--quick | --setting reduced] [--models NAME,…] [--tasks …]
 """
 
 from __future__ import annotations
@@ -32,20 +36,44 @@ from deltactl.experiments import study
 HERE = Path(__file__).resolve().parent
 
 
-def load(task_name, cfg, data):
-    from transformers import AutoModel, AutoTokenizer
+def examples(task, cfg):
+    """(training examples, evaluation examples): a 16-shot split scored on a sample of its test set, or seeded
+    subsets of the full training and dev sets."""
+    from deltactl.experiments.finetune import subset
+
+    if cfg.get("kshot_seed") is not None:
+        rng = random.Random(cfg["seed"])
+        return (rng.sample(task.train, min(cfg["train_examples"], len(task.train))),
+                rng.sample(task.test, min(cfg["eval_examples"], len(task.test))))
+    return subset(task.train, cfg["train_examples"]), subset(task.dev, cfg["eval_examples"])
+
+
+def load(entry: dict, task_name: str, cfg: dict, args):
+    """(task, task model, train, eval) for one model entry of the config."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from deltactl.tasks import get_task
-    from deltactl.train.models import classifier
+    from deltactl.train.models import classifier, text_to_text
+    from deltactl.train.pretrain import PretrainConfig, pretrained
     from deltactl.train.run import default_model_path
 
-    task = get_task(task_name, data=data, kshot_seed=cfg["kshot_seed"])  # the LM-BFF 16-shot split
+    task = get_task(task_name, data=args.data, kshot_seed=cfg.get("kshot_seed"))
+    train, dev = examples(task, cfg)
+    if "t5" in entry:
+        fields = {**cfg["pretrain"], "size": entry["t5"]}
+        quick = study.work_dir("intrinsic_dimension", args) / f"t5-{entry['t5']}" if study.mode(args) == "quick" \
+            else None
+        folder, _ = pretrained(PretrainConfig(**fields), quick, data=args.data)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder, attn_implementation="eager", local_files_only=True)
+        return task, text_to_text(task, model, tokenizer, cfg["max_length"]), train, dev
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    encoder = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
-    rng = random.Random(cfg["seed"])
-    train = rng.sample(task.train, min(cfg["train_examples"], len(task.train)))
-    dev = rng.sample(task.test, min(cfg["eval_examples"], len(task.test)))  # scored on a sample of the test set
+    if entry.get("random_init"):
+        torch.manual_seed(cfg["seed"])
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(path), attn_implementation="eager")
+    else:
+        encoder = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
     return task, classifier(task, encoder, tokenizer, cfg["max_length"], head="label_words"), train, dev
 
 
@@ -63,44 +91,41 @@ def train_and_score(model, trainable, tm, train, dev, task, cfg, lr):
     return outcome.best_metric
 
 
-def run_task(task_name, cfg, data) -> dict:
+def run_one(entry: dict, task_name: str, cfg: dict, args) -> dict:
     from deltactl.subspace import d90_from_curve, intrinsic
 
-    task, tm, train, dev = load(task_name, cfg, data)
+    task, tm, train, dev = load(entry, task_name, cfg, args)
     model = tm.model
     with torch.no_grad():
         model.eval()
         zero_shot = tm.evaluate(model, dev, 100)[task.main_metric]
+    lr_scale = entry.get("lr_scale", cfg["lr_scale"])
     curves = {}
     for method in cfg["methods"]:
         metrics = []
         for d in cfg["dims"]:
             start = time.perf_counter()
             sub = intrinsic(model, d, said=method == "SAID", seed=cfg["seed"], exclude=tuple(cfg["exclude"]))
-            metric = train_and_score(sub, sub.trainable(), tm, train, dev, task, cfg, cfg["lr_scale"] / math.sqrt(d))
+            metric = train_and_score(sub, sub.trainable(), tm, train, dev, task, cfg, lr_scale / math.sqrt(d))
             sub.detach()
             metrics.append(metric)
-            print(f"{task_name} {method} d={d}: {task.main_metric} {metric:.4f} ({time.perf_counter() - start:.0f} s)",
-                  flush=True)
+            print(f"{entry['name']} {task_name} {method} d={d}: {task.main_metric} {metric:.4f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
         curves[method] = metrics
-    # Full fine-tuning last: it changes the encoder's weights in place.
-    for p in model.parameters():
-        p.requires_grad_(True)
+    # Full fine-tuning last: it changes the weights in place.
     trainable = {n: p for n, p in model.named_parameters() if not any(fnmatchcase(n, e) for e in cfg["exclude"])}
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
-    full = train_and_score(model, trainable, tm, train, dev, task, cfg, cfg["ft_lr"])
-    print(f"{task_name} full fine-tuning: {full:.4f}; zero-shot {zero_shot:.4f}", flush=True)
-    results = {"metric": task.main_metric, "zero_shot": zero_shot, "full": full,
-               "D": sum(p.numel() for p in trainable.values()), "train_examples": len(train), "eval_examples": len(dev),
-               "curves": {}}
-    for method, metrics in curves.items():
-        results["curves"][method] = d90_from_curve(cfg["dims"], metrics, full).to_dict()
-    return results
+    full = train_and_score(model, trainable, tm, train, dev, task, cfg, entry.get("ft_lr", cfg["ft_lr"]))
+    print(f"{entry['name']} {task_name} full fine-tuning: {full:.4f}; zero-shot {zero_shot:.4f}", flush=True)
+    return {"metric": task.main_metric, "zero_shot": zero_shot, "full": full,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "D": sum(p.numel() for p in trainable.values()), "train_examples": len(train), "eval_examples": len(dev),
+            "curves": {m: d90_from_curve(cfg["dims"], v, full).to_dict() for m, v in curves.items()}}
 
 
 def plot(results, path):
-    """One panel per task: metric against d for DID and SAID, with full fine-tuning, its 90% and zero-shot."""
+    """One panel per task: metric / full fine-tuning against d, one line per model (solid DID, dashed SAID)."""
     import matplotlib
 
     from deltactl.subspace import D90Result
@@ -108,20 +133,30 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = results["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
-    for ax, (name, res) in zip(axes[0], tasks.items()):
-        for i, (method, curve) in enumerate(res["curves"].items()):
-            c = D90Result(**curve)
-            ax.plot(c.dims, c.metrics, "o-", color=f"C{i}", label=f"{method} (d90 {c.d90 or '> ' + str(c.dims[-1])})")
-        ax.axhline(res["full"], color="k", ls="--", lw=1, label="full fine-tuning")
-        ax.axhline(0.9 * res["full"], color="k", ls=":", lw=1, label="90% of it")
-        ax.axhline(res["zero_shot"], color="grey", ls="-.", lw=1, label="d = 0 (zero-shot)")
+    models = results["models"]
+    tasks = list(dict.fromkeys(t for m in models.values() for t in m["tasks"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 4.0), squeeze=False)
+    for ax, name in zip(axes[0], tasks):
+        for i, (model, block) in enumerate(models.items()):
+            res = block["tasks"].get(name)
+            if res is None:
+                continue
+            for method, curve in res["curves"].items():
+                c = D90Result(**curve)
+                relative = [m / c.full if c.full else float("nan") for m in c.metrics]
+                d90 = c.d90 or f"> {c.dims[-1]}"
+                ax.plot(c.dims, relative, "o-" if method == "DID" else "s--", color=f"C{i}",
+                        label=f"{model} {method}: d90 {d90} (D {res['D']:,})")
+            ax.plot([c.dims[0] / 3], [res["zero_shot"] / res["full"] if res["full"] else float("nan")], "x",
+                    color=f"C{i}")
+        ax.axhline(1.0, color="k", ls="--", lw=1)
+        ax.axhline(0.9, color="k", ls=":", lw=1, label="90 % of full fine-tuning")
         ax.set_xscale("log")
-        ax.set_xlabel("subspace dimension d")
-        ax.set_ylabel(res["metric"])
-        ax.set_title(f"{name}: MiniLM, D = {res['D']:,}")
-        ax.legend(fontsize=7)
+        ax.set_xlabel("subspace dimension d (× at the left: d = 0, zero-shot)")
+        ax.set_ylabel("metric / full fine-tuning's")
+        ax.set_title(name)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"intrinsic dimension across models, {results['mode']} setting", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -129,34 +164,40 @@ def plot(results, path):
 
 def main(argv=None):
     parser = study.parser(__doc__.split("\n")[0])  # the flags every study shares
-    parser.add_argument("--tasks", help="comma-separated subset of the config's tasks (runs can then go in parallel; "
-                        "each adds its tasks to an existing results.json of the same mode)")
+    parser.add_argument("--tasks", help="comma-separated subset of the config's tasks (each adds its results to an "
+                        "existing results.json of the same mode, so runs can go in parallel)")
+    parser.add_argument("--models", help="comma-separated subset of the config's model names")
     args = parser.parse_args(argv)
     started = study.begin(HERE, args, plot)
     if started is None:  # --plot-only: the figure is redrawn
         return
     mode, out, cfg = started
+    entries = {e["name"]: e for e in cfg["models"]}
     names = args.tasks.split(",") if args.tasks else cfg["tasks"]
-    unknown = [n for n in names if n not in cfg["tasks"]]
-    if unknown:
-        raise SystemExit(f"--tasks: {unknown[0]!r} is not among this mode's tasks {cfg['tasks']}")
+    chosen = args.models.split(",") if args.models else list(entries)
+    for flag, given, valid in (("--tasks", names, cfg["tasks"]), ("--models", chosen, list(entries))):
+        unknown = [n for n in given if n not in valid]
+        if unknown:
+            raise SystemExit(f"{flag}: {unknown[0]!r} is not among this mode's {valid}")
+    study.threads()
     torch.manual_seed(cfg["seed"])
-    start = time.perf_counter()
-    for name in names:
-        result = run_task(name, cfg, args.data)
-        result["seconds"] = time.perf_counter() - start
-        results = merge(out / "results.json", mode, cfg, name, result)
+    for model in chosen:
+        for name in names:
+            start = time.perf_counter()
+            result = run_one(entries[model], name, cfg, args)
+            result["seconds"] = round(time.perf_counter() - start, 1)
+            results = merge(out / "results.json", mode, cfg, model, name, result)
     plot(results, out / "figure.png")
-    print(f"wrote {out / 'results.json'} and figure.png in {time.perf_counter() - start:.0f} s")
+    print(f"wrote {out / 'results.json'} and figure.png")
 
 
-def merge(path: Path, mode: str, cfg: dict, name: str, result: dict) -> dict:
-    """Add one task's result to results.json (kept only if it holds the same mode and config)."""
+def merge(path: Path, mode: str, cfg: dict, model: str, name: str, result: dict) -> dict:
+    """Add one (model, task) result to results.json (kept only if it holds the same mode and config)."""
     results = json.loads(path.read_text()) if path.exists() else {}
     if results.get("mode") != mode or results.get("config") != cfg:
-        results = {"mode": mode, "config": cfg, "threads": torch.get_num_threads(), "tasks": {}}
-    results["tasks"][name] = result
-    results["seconds"] = sum(r["seconds"] for r in results["tasks"].values())  # CPU-parallel runs: summed
+        results = {"mode": mode, "config": cfg, "environment": study.environment(), "models": {}}
+    results["models"].setdefault(model, {"tasks": {}})["tasks"][name] = result
+    results["seconds"] = sum(r["seconds"] for m in results["models"].values() for r in m["tasks"].values())
     path.write_text(json.dumps(results, indent=1) + "\n")
     return results
 

@@ -12,7 +12,6 @@ between delta tuning and FT shrinks as the model grows; at XXL even prompt tunin
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: impor
 
 from deltactl.experiments.finetune import Budget, run_budgeted  # noqa: E402
 from deltactl.experiments.study import cache_root, main, mean_std, mode, threads, work_dir  # noqa: E402
-from deltactl.train.pretrain import PretrainConfig, default_dir, pretrain  # noqa: E402
+from deltactl.train.pretrain import PretrainConfig, pretrained  # noqa: E402
 
 LABELS = {"ft": "FT", "prompt": "PT", "prefix": "PF", "lora": "LR", "adapter": "AP", "bitfit": "BF"}
 PAPER = ("Ding et al. 2023, Fig. 6 (T5-small, -base, -XXL): the performance of delta tuning approaches FT as "
@@ -32,18 +31,14 @@ def checkpoint(size: str, cfg: dict, args) -> tuple[str, dict]:
     """A pre-trained T5 of ``size``: reused when its pretrain.json has the same settings, else pre-trained now.
 
     Quick mode keeps its tiny checkpoints in the study's work folder; other settings use the default
-    ``~/.cache/deltactl/t5-SIZE`` folders, which ``deltactl pretrain-t5`` also writes.
+    ``~/.cache/deltactl/t5-SIZE`` folders, which ``deltactl pretrain-t5`` and the intrinsic-dimension study share.
     """
     fields = dict(cfg["pretrain"], size=size)
     if "tasks" in fields:
         fields["tasks"] = tuple(fields["tasks"])
-    config = PretrainConfig(**fields)
-    folder = work_dir("scale", args) / f"t5-{size}" if mode(args) == "quick" else default_dir(size)
-    stored = folder / "pretrain.json"
-    wanted = json.loads(json.dumps(config.__dict__))  # tuples → lists, as stored
-    if stored.exists() and json.loads(stored.read_text())["config"] == wanted:
-        return str(folder), json.loads(stored.read_text())
-    return str(folder), pretrain(config, folder, data=args.data)
+    folder = work_dir("scale", args) / f"t5-{size}" if mode(args) == "quick" else None
+    folder, record = pretrained(PretrainConfig(**fields), folder, data=args.data)
+    return str(folder), record
 
 
 def measure(cfg: dict, args) -> dict:
