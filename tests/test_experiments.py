@@ -11,7 +11,7 @@ import pytest
 from deltactl.cli import main as cli
 from deltactl.experiments import discover, run_study
 from deltactl.experiments import study as st
-from deltactl.experiments.finetune import Budget, epochs_for, subset
+from deltactl.experiments.finetune import Budget, epochs_for, subset, weights_digest
 
 # A study script that records how it was called and fails on request: the runner must pass the flags through.
 ECHO = """
@@ -223,3 +223,17 @@ def test_committed_figures_regenerate_from_their_json(name, tmp_path):
     argv = ["--plot-only", "--out", str(tmp_path)]
     assert st.main(study.folder, measure, script.plot, argv=argv, configure=getattr(script, "configure", None)) == 0
     assert (tmp_path / "figure.png").stat().st_size > 1000
+
+
+def test_weights_digest_follows_the_weights_not_the_folder(tmp_path):
+    """A checkpoint re-trained in place gets a new digest, so a study does not reuse runs of the old weights."""
+    (tmp_path / "model.safetensors").write_bytes(b"weights one")
+    (tmp_path / "config.json").write_text("{}")
+    first = weights_digest(tmp_path)
+    (tmp_path / "config.json").write_text('{"other": 1}')  # not a weight file
+    assert weights_digest(tmp_path) == first
+    (tmp_path / "model.safetensors").write_bytes(b"weights two")
+    assert weights_digest(tmp_path) != first
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no weights"):
+        weights_digest(tmp_path / "empty")

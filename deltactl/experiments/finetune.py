@@ -10,6 +10,7 @@ the training subset and the dev subset, so the generalisation gap (train − dev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -51,6 +52,20 @@ def subset(examples: list, n: int | None, seed: int = SUBSET_SEED) -> list:
     return [examples[i] for i in order[:n]]
 
 
+def weights_digest(folder) -> str:
+    """SHA-256 of a checkpoint folder's weight files (safetensors or bin), in name order."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no weights (*.safetensors or *.bin)")
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def epochs_for(steps: int, n_train: int, batch_size: int) -> float:
     """The ``epochs`` value for which the loop runs exactly ``steps`` steps (it runs ceil(epochs·steps/epoch))."""
     per_epoch = math.ceil(n_train / batch_size)
@@ -72,6 +87,8 @@ def run_budgeted(
     out = Path(out)
     key = {"method": method, "task": task, "seed": seed, "budget": asdict(budget), "model": model,
            "method_options": method_options or {}}
+    if model:  # the checkpoint's weights, not only its folder: a folder re-trained in place must not be reused
+        key["weights"] = weights_digest(model)
     for name, value, default in (("head", head, "linear"), ("template", template, False)):
         if value != default:  # recorded only when set, so the records of earlier runs stay valid
             key[name] = value

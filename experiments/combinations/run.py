@@ -14,9 +14,14 @@ several of them:
 Each run is selected on a small dev subset (best evaluation) and reported on a disjoint held-out subset:
 SST-2 "full data" (a seeded training subsample; selection and report both from the GLUE dev set, disjoint) and
 16-shot (LM-BFF split ``kshot_seed``: selection on its 32-example dev set, report on its test set = GLUE dev).
-The paper's third axis, with and without a manual template, needs a model that reads a template and scores
-label words (a text-to-text or masked-LM head); the MiniLM sentence encoder with a classification head has no
-such input, so that axis is not covered here.
+
+The paper's third axis, with and without a manual template, needs a model that reads a template and fills its
+blank with a label word. A setting with ``"t5": SIZE`` runs on a T5 pre-trained here with span corruption (the
+checkpoint the scale study uses, ``pretrain`` settings in config.json), text-to-text with rank classification,
+and ``"template": true`` gives it LM-BFF's manual template with the blank as its first sentinel
+(``deltactl.tasks.templates``: "<S1> It was <extra_id_0> ." → "<extra_id_0> great"), against the T5 task prefix
+("sst2 sentence: <S1>" → "positive") without. A T5 has no head, so its empty subset trains nothing: it is the
+zero-shot model, through the template or not.
 
     python experiments/combinations/run.py --quick
     python experiments/combinations/run.py --setting reduced
@@ -39,7 +44,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import deltactl as dc  # noqa: E402
-from deltactl.experiments.finetune import SUBSET_SEED, Budget, epochs_for, subset  # noqa: E402
+from deltactl.experiments.finetune import SUBSET_SEED, Budget, epochs_for, subset, weights_digest  # noqa: E402
 from deltactl.experiments.study import main, threads, work_dir  # noqa: E402
 from deltactl.train import run  # noqa: E402
 from deltactl.train.loop import fit  # noqa: E402
@@ -76,18 +81,21 @@ def _split_sets(task, setting: dict) -> tuple[list, list]:
 
 
 def train_stage(method: str, setting: dict, seed: int, budget: Budget, out: Path, data=None,
-                after: Path | None = None, lr: float | None = None) -> dict:
+                after: Path | None = None, lr: float | None = None, model: str | None = None) -> dict:
     """Train one run (a subset trained simultaneously, or one sequential stage ``after`` an earlier one).
 
     Like :func:`deltactl.experiments.finetune.run_budgeted` (fixed seeded subsets, exactly ``budget.steps``
     steps, a finished run with the same settings is reused), but keeps ``run.json`` and ``best/`` so that a
-    later stage can restore this one, and scores the best δ on the report set. Returns the record.
+    later stage can restore this one, and scores the best δ on the report set. ``model``: a T5 checkpoint
+    folder (None: MiniLM). Returns the record.
     """
     out = Path(out)
     earlier = json.loads((after / "result.json").read_text())["key"] if after else None
     key = {"method": method, "task": setting["task"], "kshot_seed": setting.get("kshot_seed"), "seed": seed,
            "budget": asdict(budget), "lr": lr, "after": earlier,
            "sets": [setting.get(k) for k in ("select_examples", "report_examples")]}
+    if model:  # recorded only when set, so the records of MiniLM runs stay valid
+        key.update(model=model, weights=weights_digest(model), template=bool(setting.get("template")))
     stored = out / "result.json"
     if stored.exists() and json.loads(stored.read_text()).get("key") == key:
         return json.loads(stored.read_text())
@@ -99,12 +107,15 @@ def train_stage(method: str, setting: dict, seed: int, budget: Budget, out: Path
         {"batch_size": budget.batch_size, "eval_every": budget.eval_every, "seed": seed, "epochs": 1.0,
          **({"lr": lr} if lr else {})},
         kshot_seed=setting.get("kshot_seed"), max_length=budget.max_length, after=str(after) if after else None,
+        model=model, template=bool(setting.get("template")),
     )
     task, task_model, deltas = run.build_deltas(spec, data)
     if method == HEAD_ONLY:
         for delta in deltas:
             delta.disable()  # the backbone stays frozen (attached), the delta neither acts nor trains
         deltas = []
+        if not task_model.head:  # a T5: nothing trains, the empty subset is the zero-shot model
+            return _zero_shot(task, task_model, setting, budget, key, out, started)
     train_set = subset(task.train, budget.train_examples)
     select, report = _split_sets(task, setting)
     spec = replace(spec, train=replace(spec.train, epochs=epochs_for(budget.steps, len(train_set), budget.batch_size)))
@@ -149,6 +160,35 @@ def train_stage(method: str, setting: dict, seed: int, budget: Budget, out: Path
     return record
 
 
+def _zero_shot(task, task_model, setting, budget, key, out, started) -> dict:
+    """The record of a run that trains nothing: the frozen model scored on the selection and report sets."""
+    select, report = _split_sets(task, setting)
+    task_model.model.eval()
+    with torch.no_grad():
+        scores = {name: task_model.evaluate(task_model.model, examples, max(budget.batch_size, 64))[task.main_metric]
+                  for name, examples in (("select", select), ("report", report))}
+    record = {"key": key, "method": HEAD_ONLY, "label": "zero-shot", "main_metric": task.main_metric, "lr": 0.0,
+              "train_examples": 0, "select_examples": len(select), "report_examples": len(report),
+              "trainable_parameters": 0, "outcome": {"best_step": 0, "steps": 0, "status": "nothing to train"},
+              **scores, "log": [], "seconds": round(time.perf_counter() - started, 1)}
+    (out / "result.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def checkpoint(setting: dict, cfg: dict, args) -> str | None:
+    """The T5 checkpoint folder a setting names (``"t5": SIZE``), pre-trained now if absent; None for MiniLM."""
+    if "t5" not in setting:
+        return None
+    from deltactl.experiments.study import mode
+    from deltactl.train.pretrain import PretrainConfig, pretrained
+
+    fields = {**cfg["pretrain"], "size": setting["t5"]}
+    if "tasks" in fields:
+        fields["tasks"] = tuple(fields["tasks"])
+    quick = work_dir("combinations", args) / f"t5-{setting['t5']}" if mode(args) == "quick" else None
+    return str(pretrained(PretrainConfig(**fields), quick, data=args.data)[0])
+
+
 def measure(cfg: dict, args) -> dict:
     threads()
     torch.manual_seed(SUBSET_SEED)
@@ -163,11 +203,13 @@ def measure(cfg: dict, args) -> dict:
             continue
         budget = Budget(**{**cfg["budget"], **setting.get("budget", {})})  # a setting may shorten its runs
         folder = root / name
+        model = checkpoint(setting, cfg, args)
         simultaneous, sequential = [], []
         for seed in cfg["seeds"]:
             for method in simultaneous_methods():
                 lr = cfg["head_lr"] if method == HEAD_ONLY else None
-                record = train_stage(method, setting, seed, budget, folder / f"{method}-seed{seed}", args.data, lr=lr)
+                record = train_stage(method, setting, seed, budget, folder / f"{method}-seed{seed}", args.data, lr=lr,
+                                     model=model)
                 simultaneous.append(_row(record, seed))
                 print(f"{name} simultaneous {record['label']:9s} seed {seed}: report {record['report']:.4f} "
                       f"(select {record['select']:.4f}, {record['seconds']} s)", flush=True)
@@ -179,7 +221,7 @@ def measure(cfg: dict, args) -> dict:
                 chain.append(part)
                 stage = "→".join(LETTER[m] for m in chain)
                 out = folder / f"seq-{'-'.join(chain)}-seed{seed}"
-                record = train_stage(part, setting, seed, budget, out, args.data, after=after)
+                record = train_stage(part, setting, seed, budget, out, args.data, after=after, model=model)
                 sequential.append({**_row(record, seed), "stage": stage})
                 print(f"{name} sequential {stage:9s} seed {seed}: report {record['report']:.4f} "
                       f"(select {record['select']:.4f}, {record['seconds']} s)", flush=True)
@@ -187,9 +229,8 @@ def measure(cfg: dict, args) -> dict:
         settings[name] = {"setting": setting, "budget": asdict(budget), "simultaneous": simultaneous,
                           "sequential": sequential}
     rows = [r for s in settings.values() for r in s["simultaneous"] + s["sequential"][1:]]
-    return {"seeds": cfg["seeds"], "work_dir": root, "paper": PAPER, "template_axis":
-            "not covered: MiniLM with a classification head reads no template (needs a text-to-text/MLM model)",
-            "settings": settings, "compute_seconds": round(sum(r["seconds"] for r in rows), 1)}
+    return {"seeds": cfg["seeds"], "work_dir": root, "paper": PAPER, "settings": settings,
+            "compute_seconds": round(sum(r["seconds"] for r in rows), 1)}
 
 
 def _row(record: dict, seed: int) -> dict:
@@ -211,8 +252,12 @@ def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = payload["settings"]
-    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 3.8), squeeze=False)
-    for ax, block in zip(axes[0], settings.values()):
+    columns = min(2, len(settings))
+    rows = -(-len(settings) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.0 * rows), squeeze=False)
+    for ax in axes.flat[len(settings):]:
+        ax.axis("off")
+    for ax, block in zip(axes.flat, settings.values()):
         sim = mean_by(block["simultaneous"], "label")
         seq = mean_by(block["sequential"], "stage")
         names = [*sim, *seq]
@@ -227,9 +272,10 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_ylim(0, 1.08)
         setting = block["setting"]
         where = f"16-shot, seed {setting['kshot_seed']}" if setting.get("kshot_seed") is not None else "subsample"
-        ax.set_title(f"{setting['task']} ({where}): simultaneous (blue) | sequential (orange)", fontsize=8)
-    fig.suptitle(f"combinations of P, B, A on all-MiniLM-L6-v2, {payload['mode']} setting, seeds {payload['seeds']}",
-                 fontsize=9)
+        model = f"T5-{setting['t5']}, {'template' if setting.get('template') else 'no template'}" \
+            if "t5" in setting else "MiniLM"
+        ax.set_title(f"{setting['task']} ({where}; {model}):\nsimultaneous (blue) | sequential (orange)", fontsize=8)
+    fig.suptitle(f"combinations of P, B, A, {payload['mode']} setting, seeds {payload['seeds']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

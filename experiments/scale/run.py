@@ -2,7 +2,7 @@
 
 T5 models of several sizes are pre-trained here with span corruption on the training texts of the data folder
 (``deltactl pretrain-t5``; a checkpoint with the same pre-training settings is reused), then every method trains
-on each of them text-to-text (verbalised labels, greedy generation) within one budget; all-MiniLM-L6-v2 (a real
+on each of them text-to-text (verbalised labels, rank classification) within one budget; all-MiniLM-L6-v2 (a real
 pre-trained encoder, classifier head) is the largest well-trained point. The paper (T5 small → XXL): the gap
 between delta tuning and FT shrinks as the model grows; at XXL even prompt tuning matches FT.
 
