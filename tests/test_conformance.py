@@ -15,21 +15,14 @@ from transformers import PretrainedConfig
 import deltactl as dc
 from deltactl.control.accounting import closed_form
 from deltactl.control.controller import NotMergeable
-from deltactl.methods import REGISTRY, make_config
+from deltactl.methods import REGISTRY, make_example
 
 METHODS = sorted(REGISTRY)
-# Small settings so the tiny model stays tiny; each is the method's own config, defaults otherwise.
-SMALL = {
-    "lora": {"r": 3}, "adapter": {"r": 5}, "prefix": {"length": 3, "mid_dim": 7}, "prompt": {"length": 3},
-    "pfeiffer": {"r": 5}, "parallel_adapter": {"r": 5}, "lowrank_adapter": {"r": 5, "rank": 2},
-    "compacter": {"r": 4, "n": 2, "rank": 2}, "selective": {"budget": 0.3},
-    "named": {"sites": ("encoder.0.attn.q.weight", "*.ffn.ln.weight")},
-}
-REQUIRED = {"named": {"sites": ("encoder.0.attn.q.weight",)}}  # options a method has no default for
 
 
 def config(method, **extra):
-    return make_config(method, **{**SMALL.get(method, {}), **extra})
+    """The method's small example (``DeltaConfig.small``), so the tiny model stays tiny."""
+    return make_example(method, **extra)
 
 
 def perturb(delta, seed=0, scale=0.3):
@@ -267,7 +260,7 @@ def test_real_minilm_zero_control_and_detach(minilm, method):
     model, batch = minilm
     assert model.dtype == torch.float32 and (batch["attention_mask"] == 0).any()
     before = minilm_outputs(model, batch)
-    cfg = make_config(method, **REQUIRED.get(method, {}))  # the method's defaults, as a user would attach it
+    cfg = make_example(method, small=False)  # the method's defaults, as a user would attach it
     delta = dc.attach(model, cfg.zero())
     assert delta.num_parameters() == closed_form(cfg.zero(), delta.backbone)
     assert_outputs_close(minilm_outputs(model, batch), before, atol=0)

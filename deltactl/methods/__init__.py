@@ -18,6 +18,6 @@ from deltactl.methods import (  # noqa: F401 - registration
     prompt,
     selective,
 )
-from deltactl.methods.registry import REGISTRY, DeltaConfig, Method, get, make_config, register
+from deltactl.methods.registry import REGISTRY, DeltaConfig, Method, get, make_config, make_example, register
 
-__all__ = ["REGISTRY", "DeltaConfig", "Method", "get", "make_config", "register"]
+__all__ = ["REGISTRY", "DeltaConfig", "Method", "get", "make_config", "make_example", "register"]

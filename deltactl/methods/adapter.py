@@ -17,6 +17,7 @@ class AdapterConfig(DeltaConfig):
     """Args: r bottleneck width; activation a transformers activation name; sites branch (sub-layer) patterns."""
 
     method: ClassVar[str] = "adapter"
+    small: ClassVar[dict] = {"r": 3}
     sites: tuple[str, ...] = ("*.attn.out", "*.ffn.out")
     r: int = 64
     activation: str = "relu"

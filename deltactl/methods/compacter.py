@@ -26,6 +26,7 @@ class CompacterConfig(DeltaConfig):
     """Args: r bottleneck width; n PHM dimension (number of Kronecker terms); rank k of each Bᵢ; activation."""
 
     method: ClassVar[str] = "compacter"
+    small: ClassVar[dict] = {"r": 4, "n": 2, "rank": 2}
     sites: tuple[str, ...] = ("*.attn.out", "*.ffn.out")
     r: int = 64
     n: int = 4

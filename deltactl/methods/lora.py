@@ -19,6 +19,7 @@ class LoRAConfig(DeltaConfig):
     """Args: r rank; alpha scale numerator (scale α/r); dropout on the LoRA input; sites linear patterns."""
 
     method: ClassVar[str] = "lora"
+    small: ClassVar[dict] = {"r": 2}
     sites: tuple[str, ...] = ("*.q", "*.v")
     r: int = 8
     alpha: float = 16.0

@@ -25,6 +25,7 @@ class LowRankAdapterConfig(DeltaConfig):
     """Args: r bottleneck width; rank k of each projection; activation; sites branch patterns."""
 
     method: ClassVar[str] = "lowrank_adapter"
+    small: ClassVar[dict] = {"r": 3, "rank": 2}
     sites: tuple[str, ...] = ("*.attn.out", "*.ffn.out")
     r: int = 64
     rank: int = 1

@@ -15,6 +15,8 @@ class NamedParametersConfig(DeltaConfig):
     """Args: sites parameter-site patterns (required)."""
 
     method: ClassVar[str] = "named"
+    small: ClassVar[dict] = {"sites": ("encoder.0.attn.q.weight", "*.ffn.ln.weight")}
+    required: ClassVar[dict] = {"sites": ("encoder.0.attn.q.weight",)}
 
     def site_patterns(self, sites):
         if not self.sites:

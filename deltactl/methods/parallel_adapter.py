@@ -23,6 +23,7 @@ class ParallelAdapterConfig(DeltaConfig):
     """Args: r bottleneck width; scale s; activation a transformers activation name; sites branch patterns."""
 
     method: ClassVar[str] = "parallel_adapter"
+    small: ClassVar[dict] = {"r": 3}
     sites: tuple[str, ...] = ("*.ffn.out",)
     r: int = 64
     scale: float = 4.0

@@ -19,6 +19,7 @@ class PfeifferConfig(adapter.AdapterConfig):
     """Args: r bottleneck width; activation; sites branch patterns (default: each FFN's update)."""
 
     method: ClassVar[str] = "pfeiffer"
+    small: ClassVar[dict] = {"r": 3}
     sites: tuple[str, ...] = ("*.ffn.out",)
 
 

@@ -22,6 +22,7 @@ class PrefixConfig(DeltaConfig):
     """Args: length p rows per memory; reparameterize through an MLP of width mid_dim; sites memory patterns."""
 
     method: ClassVar[str] = "prefix"
+    small: ClassVar[dict] = {"length": 2, "mid_dim": 6}
     sites: tuple[str, ...] = ("*.kv",)
     length: int = 20
     reparameterize: bool = True

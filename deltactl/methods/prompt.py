@@ -17,6 +17,7 @@ class PromptConfig(DeltaConfig):
     """Args: length p soft tokens; init "vocab" (copies of sampled vocabulary embeddings, seeded) or "random"."""
 
     method: ClassVar[str] = "prompt"
+    small: ClassVar[dict] = {"length": 2}
     sites: tuple[str, ...] = ("encoder.embed",)
     length: int = 100
     init: str = "vocab"

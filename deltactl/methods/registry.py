@@ -16,6 +16,10 @@ class DeltaConfig:
     """Base of method configs: where the method acts (site patterns) plus its hyper-parameters."""
 
     method: ClassVar[str]
+    # Options that keep the method small on a tiny model (tests, theory checks), and the options it has no
+    # default for (with an example value): make_example uses them.
+    small: ClassVar[dict] = {}
+    required: ClassVar[dict] = {}
     sites: tuple[str, ...] = ()
 
     def zero(self) -> "DeltaConfig":
@@ -91,6 +95,13 @@ def make_config(name: str, **overrides) -> DeltaConfig:
     if unknown:
         raise TypeError(f"{name} has no option {unknown[0]!r}; its options are {', '.join(fields)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+
+
+def make_example(name: str, small: bool = True, **overrides) -> DeltaConfig:
+    """A usable config of method ``name`` for a tiny model: its ``small`` options (or, with ``small=False``, its
+    defaults as a user would attach it), plus the options it has no default for, plus ``overrides``."""
+    cls = get(name).config
+    return make_config(name, **{**cls.required, **(cls.small if small else {}), **overrides})
 
 
 def config_from_dict(data: dict):

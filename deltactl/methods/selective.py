@@ -25,6 +25,7 @@ class SelectiveConfig(DeltaConfig):
     """Args: budget share of the backbone's weights; groups among ffn, q, k, v, o, ln; seed of the choice."""
 
     method: ClassVar[str] = "selective"
+    small: ClassVar[dict] = {"budget": 0.3}
     budget: float = 0.05
     groups: tuple[str, ...] = ("ffn", "q", "k", "v", "ln")
     seed: int = 0

@@ -14,26 +14,19 @@ import functools
 import torch
 from transformers import BertConfig, BertForSequenceClassification, T5ForConditionalGeneration
 
-from deltactl.methods import REGISTRY, make_config
+from deltactl.methods import REGISTRY, make_example
 from deltactl.shapes import t5_config
 
+
 # Small settings of the built-in methods so that the tiny models stay tiny; any other method uses its defaults.
-SMALL = {
-    "lora": {"r": 2}, "adapter": {"r": 3}, "prefix": {"length": 2, "mid_dim": 6}, "prompt": {"length": 2},
-    "pfeiffer": {"r": 3}, "parallel_adapter": {"r": 3}, "lowrank_adapter": {"r": 3, "rank": 2},
-    "compacter": {"r": 4, "n": 2, "rank": 2}, "selective": {"budget": 0.3},
-    "named": {"sites": ("encoder.0.attn.q.weight", "*.ffn.ln.weight")},
-}
-REQUIRED = {"named": {"sites": ("encoder.0.attn.q.weight",)}}  # options a method has no default for
-
-
 def small_config(method: str, **extra):
-    return make_config(method, **{**SMALL.get(method, {}), **extra})
+    """The method's small example (``DeltaConfig.small``), so the tiny models stay tiny."""
+    return make_example(method, **extra)
 
 
 def default_config(method: str):
     """The method's defaults, as a user would attach it (plus the options it has no default for)."""
-    return make_config(method, **REQUIRED.get(method, {}))
+    return make_example(method, small=False)
 
 
 def registered_methods() -> list[str]:

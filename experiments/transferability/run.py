@@ -97,19 +97,32 @@ def relative(cells: list[dict], cfg: dict) -> dict:
 
 
 def by_type(cells: list[dict], cfg: dict) -> dict:
-    """Per method: the mean relative performance of same-type pairs, cross-type pairs and the zero-shot row."""
+    """Per method and kind of pair (same type, across types; A ≠ B): the mean relative performance, and the mean
+    gain over the zero-shot model, metric_B(δ_A) − metric_B(0), which tells a transfer from what the label-word
+    head does without any δ."""
     kind = {t: group for group, members in cfg["groups"].items() for t in members}
+    zero = {c["target"]: c["value"] for c in cells if c["source"] == ZERO_SHOT}
     out = {}
     for method, block in relative(cells, cfg).items():
-        pairs = {"same type": [], "across types": [], ZERO_SHOT: []}
+        pairs: dict[str, dict[str, list]] = {}
         for source, row in zip(block["rows"], block["relative"]):
             for target, value in zip(block["tasks"], row):
                 if value is None or source == target:
                     continue
-                key = ZERO_SHOT if source == ZERO_SHOT else "same type" if kind[source] == kind[target] else \
-                    "across types"
-                pairs[key].append(value)
-        out[method] = {k: {"mean": round(mean_std(v)[0], 4), "pairs": len(v)} for k, v in pairs.items() if v}
+                if source == ZERO_SHOT:
+                    keys = [ZERO_SHOT]
+                elif kind[source] == kind[target]:
+                    keys = ["same type", f"within {kind[source]}"]
+                else:
+                    keys = ["across types"]
+                gains = [c["value"] - zero[target] for c in cells
+                         if (c["method"], c["source"], c["target"]) == (method, source, target)]
+                for key in keys:
+                    pairs.setdefault(key, {"relative": [], "gain": []})
+                    pairs[key]["relative"].append(value)
+                    pairs[key]["gain"].append(mean_std(gains)[0])
+        out[method] = {k: {"relative": round(mean_std(v["relative"])[0], 4), "gain_over_zero_shot":
+                           round(mean_std(v["gain"])[0], 4), "pairs": len(v["relative"])} for k, v in pairs.items()}
     return out
 
 
@@ -134,7 +147,7 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_ylabel("trained on (A)")
         ax.set_title(f"{method}: metric_B(δ_A) / metric_B(δ_B)", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.suptitle(f"transferability, all-MiniLM-L6-v2 ({payload.get('head', 'linear')} head), {payload['mode']} "
+    fig.suptitle(f"transferability, all-MiniLM-L6-v2 ({payload.get('head', 'linear')} head)\n{payload['mode']} "
                  f"setting, seeds {payload['seeds']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
