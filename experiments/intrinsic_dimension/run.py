@@ -118,20 +118,32 @@ def run_one(entry: dict, task_name: str, cfg: dict, args) -> dict:
         p.requires_grad_(n in trainable)
     full = train_and_score(model, trainable, tm, train, dev, task, cfg, entry.get("ft_lr", cfg["ft_lr"]))
     print(f"{entry['name']} {task_name} full fine-tuning: {full:.4f}; zero-shot {zero_shot:.4f}", flush=True)
-    # d90 as the paper defines it (90 % of full fine-tuning's metric), and of the gain over zero-shot: the smallest
-    # d closing 90 % of the gap zero-shot → full. The second is defined only where fine-tuning beats zero-shot; a
-    # model that learns nothing has every d "reach 90 %" of a chance-level metric.
-    gain = full - zero_shot
     return {"metric": task.main_metric, "zero_shot": zero_shot, "full": full,
             "parameters": sum(p.numel() for p in model.parameters()),
             "D": sum(p.numel() for p in trainable.values()), "train_examples": len(train), "eval_examples": len(dev),
             "curves": {m: d90_from_curve(cfg["dims"], v, full).to_dict() for m, v in curves.items()},
-            "gain_d90": {m: d90_from_curve(cfg["dims"], [x - zero_shot for x in v], gain).d90 if gain > 0 else None
-                         for m, v in curves.items()}}
+            **learning(zero_shot, full, len(dev), cfg["dims"], curves)}
+
+
+def learning(zero_shot: float, full: float, n: int, dims: list, curves: dict) -> dict:
+    """Whether full fine-tuning learned anything, and d90 of the gain over zero-shot.
+
+    d90 as the paper defines it (90 % of full fine-tuning's metric) is meaningful only where fine-tuning beat the
+    zero-shot model: a model that learns nothing has every d "reach 90 %" of a chance-level metric. ``learned``
+    asks for a gain above two standard errors of an accuracy on ``n`` examples (2·√(0.25/n)); ``gain_d90`` is
+    then the smallest d closing 90 % of the gap zero-shot → full (None where nothing was learned).
+    """
+    from deltactl.subspace import d90_from_curve
+
+    learned = full - zero_shot > 2 * math.sqrt(0.25 / n)
+    gain = {m: d90_from_curve(dims, [x - zero_shot for x in v], full - zero_shot).d90 if learned else None
+            for m, v in curves.items()}
+    return {"learned": learned, "gain_d90": gain}
 
 
 def plot(results, path):
-    """One panel per task: metric / full fine-tuning against d, one line per model (solid DID, dashed SAID)."""
+    """One panel per task: the metric against d, one colour per model (solid DID, dashed SAID), its full
+    fine-tuning as a dotted line and its zero-shot metric as a cross at the left."""
     import matplotlib
 
     from deltactl.subspace import D90Result
@@ -141,7 +153,7 @@ def plot(results, path):
 
     models = results["models"]
     tasks = list(dict.fromkeys(t for m in models.values() for t in m["tasks"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.4), squeeze=False)
     for ax, name in zip(axes[0], tasks):
         for i, (model, block) in enumerate(models.items()):
             res = block["tasks"].get(name)
@@ -149,19 +161,18 @@ def plot(results, path):
                 continue
             for method, curve in res["curves"].items():
                 c = D90Result(**curve)
-                relative = [m / c.full if c.full else float("nan") for m in c.metrics]
-                d90 = c.d90 or f"> {c.dims[-1]}"
-                gain = res.get("gain_d90", {}).get(method)
-                gain = "undefined" if res["full"] <= res["zero_shot"] else gain or f"> {c.dims[-1]}"
-                ax.plot(c.dims, relative, "o-" if method == "DID" else "s--", color=f"C{i}",
-                        label=f"{model} {method}: d90 {d90}, of the gain {gain} (D {res['D']:,})")
-            ax.plot([c.dims[0] / 3], [res["zero_shot"] / res["full"] if res["full"] else float("nan")], "x",
-                    color=f"C{i}")
-        ax.axhline(1.0, color="k", ls="--", lw=1)
-        ax.axhline(0.9, color="k", ls=":", lw=1, label="90 % of full fine-tuning")
+                if res.get("learned", True):
+                    gain = res.get("gain_d90", {}).get(method)
+                    note = f"d90 {c.d90 or '> ' + str(c.dims[-1])}, of the gain {gain or '> ' + str(c.dims[-1])}"
+                else:
+                    note = "fine-tuning ≈ zero-shot: no d90"
+                ax.plot(c.dims, c.metrics, "o-" if method == "DID" else "s--", color=f"C{i}",
+                        label=f"{model} {method} (D {res['D']:,}): {note}")
+            ax.axhline(res["full"], color=f"C{i}", ls=":", lw=1)
+            ax.plot([c.dims[0] / 3], [res["zero_shot"]], "x", color=f"C{i}")
         ax.set_xscale("log")
-        ax.set_xlabel("subspace dimension d (× at the left: d = 0, zero-shot)")
-        ax.set_ylabel("metric / full fine-tuning's")
+        ax.set_xlabel("subspace dimension d (× at the left: d = 0, zero-shot; dotted: full fine-tuning)")
+        ax.set_ylabel(res["metric"])
         ax.set_title(name)
         ax.legend(fontsize=6)
     fig.suptitle(f"intrinsic dimension across models, {results['mode']} setting", fontsize=9)
