@@ -237,3 +237,47 @@ def test_weights_digest_follows_the_weights_not_the_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no weights"):
         weights_digest(tmp_path / "empty")
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"study_{name}", discover()[name].script)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_transferability_summary_separates_same_type_cross_type_and_zero_shot():
+    """Relative performance divides by B's own δ, per seed; gains subtract B's zero-shot metric."""
+    script = _script("transferability")
+    cfg = {"groups": {"sentiment": ["a", "b"], "nli": ["c"]}, "methods": ["lora"]}
+    own = {"a": 0.8, "b": 0.6, "c": 0.5}
+    zero = {"a": 0.5, "b": 0.5, "c": 0.5}
+    transfer = {("a", "b"): 0.6, ("b", "a"): 0.4, ("a", "c"): 0.25, ("b", "c"): 0.5, ("c", "a"): 0.8,
+                ("c", "b"): 0.3}
+    cells = [{"method": "lora", "seed": 0, "source": s, "target": t, "value": v} for (s, t), v in transfer.items()]
+    cells += [{"method": "lora", "seed": 0, "source": t, "target": t, "value": v} for t, v in own.items()]
+    cells += [{"method": "lora", "seed": 0, "source": script.ZERO_SHOT, "target": t, "value": v}
+              for t, v in zero.items()]
+    matrix = script.relative(cells, cfg)["lora"]
+    assert matrix["rows"] == ["a", "b", "c", script.ZERO_SHOT]
+    assert matrix["relative"][0] == pytest.approx([1.0, 1.0, 0.5])  # a → (a, b, c): 0.8/0.8, 0.6/0.6, 0.25/0.5
+    summary = script.by_type(cells, cfg)["lora"]
+    assert summary["same type"]["relative"] == pytest.approx((1.0 + 0.5) / 2)  # a→b 1.0, b→a 0.4/0.8
+    assert summary["same type"]["gain_over_zero_shot"] == pytest.approx(((0.6 - 0.5) + (0.4 - 0.5)) / 2)
+    assert summary["within sentiment"]["pairs"] == 2
+    assert summary["across types"]["pairs"] == 4
+    assert summary["across types"]["gain_over_zero_shot"] == pytest.approx((-0.25 + 0.0 + 0.3 - 0.2) / 4)
+    assert summary[script.ZERO_SHOT]["gain_over_zero_shot"] == 0
+
+
+def test_intrinsic_dimension_reports_d90_only_where_fine_tuning_learned():
+    script = _script("intrinsic_dimension")
+    dims = [10, 100, 1000]
+    # zero-shot 0.60, full 0.80: the gain 0.20 is above 2·√(0.25/200) ≈ 0.071; 90 % of it is 0.18
+    learned = script.learning(0.60, 0.80, 200, dims, {"DID": [0.61, 0.75, 0.79], "SAID": [0.61, 0.70, 0.75]})
+    assert learned == {"learned": True, "gain_d90": {"DID": 1000, "SAID": None}}
+    # full 0.65 on 200 examples: a gain of 0.05 is within noise, so no d90 at all
+    assert script.learning(0.60, 0.65, 200, dims, {"DID": [0.6, 0.7, 0.7]}) == {"learned": False,
+                                                                                "gain_d90": {"DID": None}}
+    # the same gain on 2,000 examples is above 2·√(0.25/2000) ≈ 0.022
+    assert script.learning(0.60, 0.65, 2000, dims, {"DID": [0.6, 0.7, 0.7]})["gain_d90"] == {"DID": 100}
