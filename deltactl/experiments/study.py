@@ -160,3 +160,14 @@ def threads() -> int:
     n = int(os.environ.get("DELTACTL_THREADS") or len(os.sched_getaffinity(0)))
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()
+
+
+def save_figure(fig, path, title: str | None = None) -> None:
+    """A study's figure to ``path``: the title above every panel, a tight layout, PNG at 120 dpi, then closed."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

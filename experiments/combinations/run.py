@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import deltactl as dc  # noqa: E402
 from deltactl.experiments.finetune import SUBSET_SEED, Budget, epochs_for, subset, weights_digest  # noqa: E402
-from deltactl.experiments.study import main, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import main, save_figure, threads, work_dir  # noqa: E402
 from deltactl.train import run  # noqa: E402
 from deltactl.train.loop import fit  # noqa: E402
 
@@ -275,10 +275,7 @@ def plot(payload: dict, path: Path) -> None:
         model = f"T5-{setting['t5']}, {'template' if setting.get('template') else 'no template'}" \
             if "t5" in setting else "MiniLM"
         ax.set_title(f"{setting['task']} ({where}; {model}):\nsimultaneous (blue) | sequential (orange)", fontsize=8)
-    fig.suptitle(f"combinations of P, B, A, {payload['mode']} setting, seeds {payload['seeds']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"combinations of P, B, A, {payload['mode']} setting, seeds {payload['seeds']}")
 
 
 def configure(p) -> None:

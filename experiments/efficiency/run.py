@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: import the deltactl beside experiments/
 
-from deltactl.experiments.study import main, work_dir  # noqa: E402
+from deltactl.experiments.study import main, save_figure, work_dir  # noqa: E402
 from deltactl.shapes import SHAPES  # noqa: E402
 
 LABELS = {"ft": "FT", "prompt": "PT", "prefix": "PF", "lora": "LR", "adapter": "AP", "bitfit": "BF"}
@@ -128,10 +128,7 @@ def plot(payload: dict, path: Path) -> None:
             ax.set_title(f"{shape}, random init, CPU", fontsize=9)
             ax.grid(alpha=0.3)
         ax_mem.legend(fontsize=7)
-    fig.suptitle(f"efficiency, {payload['mode']} setting (one process per point)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"efficiency, {payload['mode']} setting (one process per point)")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: import the deltactl beside experiments/
 
 from deltactl.experiments.finetune import Budget, run_budgeted  # noqa: E402
-from deltactl.experiments.study import cache_root, main, mean_std, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import cache_root, main, mean_std, save_figure, threads, work_dir  # noqa: E402
 
 LABELS = {"ft": "FT", "prompt": "PT", "prefix": "PF", "lora": "LR", "adapter": "AP", "bitfit": "BF"}
 PAPER = ("Ding et al. 2023, Fig. 4 (T5-base): delta tuning and FT both fit the training data; the generalisation "
@@ -85,9 +85,7 @@ def plot(payload: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"generalisation gap, all-MiniLM-L6-v2, {payload['mode']} setting, seeds {payload['seeds']}",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

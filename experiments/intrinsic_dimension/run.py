@@ -175,10 +175,7 @@ def plot(results, path):
         ax.set_ylabel(res["metric"])
         ax.set_title(name)
         ax.legend(fontsize=6)
-    fig.suptitle(f"intrinsic dimension across models, {results['mode']} setting", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    study.save_figure(fig, path, f"intrinsic dimension across models, {results['mode']} setting")
 
 
 def main(argv=None):

@@ -194,9 +194,7 @@ def plot(results, path):
                  f"(unseen*) of prompt tuning", fontsize=10)
     ax.set_ylabel("test metric (sample)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    study.save_figure(fig, path)
 
 
 def merge(path: Path, mode: str, cfg: dict, seed: int, result: dict) -> dict:

@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: import the deltactl beside experiments/
 
 from deltactl.experiments.finetune import Budget, run_budgeted  # noqa: E402
-from deltactl.experiments.study import main, mean_std, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import main, mean_std, save_figure, threads, work_dir  # noqa: E402
 
 LABELS = {"ft": "FT", "prompt": "PT", "prefix": "PF", "lora": "LR", "adapter": "AP", "bitfit": "BF"}
 PAPER = {
@@ -100,11 +100,8 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title="best dev, mean±std", title_fontsize=7)
-    fig.suptitle(f"performance and convergence, all-MiniLM-L6-v2, {payload['mode']} setting, "
-                 f"seeds {payload['seeds']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"performance and convergence, all-MiniLM-L6-v2, {payload['mode']} setting, "
+                           f"seeds {payload['seeds']}")
 
 
 if __name__ == "__main__":

@@ -161,9 +161,7 @@ def plot(results, path):
         seeds = len({r["seed"] for r in results["runs"] if r["task"] == task})
         ax.set_title(f"{task}: dev accuracy ({seeds} seed{'s' * (seeds > 1)})")
         ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    study.save_figure(fig, path)
 
 
 def main(argv=None):

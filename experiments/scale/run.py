@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: import the deltactl beside experiments/
 
 from deltactl.experiments.finetune import Budget, run_budgeted  # noqa: E402
-from deltactl.experiments.study import cache_root, main, mean_std, mode, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import cache_root, main, mean_std, mode, save_figure, threads, work_dir  # noqa: E402
 from deltactl.train.pretrain import PretrainConfig, pretrained  # noqa: E402
 
 LABELS = {"ft": "FT", "prompt": "PT", "prefix": "PF", "lora": "LR", "adapter": "AP", "bitfit": "BF"}
@@ -113,10 +113,7 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_title(task, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"scale, {payload['mode']} setting, seeds {payload['seeds']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"scale, {payload['mode']} setting, seeds {payload['seeds']}")
 
 
 if __name__ == "__main__":

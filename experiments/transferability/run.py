@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from deltactl.experiments.finetune import Budget, run_budgeted, subset  # noqa: E402
-from deltactl.experiments.study import main, mean_std, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import main, mean_std, save_figure, threads, work_dir  # noqa: E402
 from deltactl.train import run  # noqa: E402
 
 PAPER = ("Ding et al. 2023, Fig. 7 (prompt tuning, T5-base): relative performance is high between tasks of the "
@@ -147,11 +147,9 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_ylabel("trained on (A)")
         ax.set_title(f"{method}: metric_B(δ_A) / metric_B(δ_B)", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.suptitle(f"transferability, all-MiniLM-L6-v2 ({payload.get('head', 'linear')} head)\n{payload['mode']} "
-                 f"setting, seeds {payload['seeds']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    head = payload.get("head", "linear")
+    save_figure(fig, path, f"transferability, all-MiniLM-L6-v2 ({head} head)\n{payload['mode']} setting, "
+                           f"seeds {payload['seeds']}")
 
 
 if __name__ == "__main__":
