@@ -196,7 +196,8 @@ def test_efficiency_probe_measures_a_tiny_t5(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
 
 
-STUDIES = ("performance", "efficiency", "generalisation_gap", "scale", "transferability")
+STUDIES = ("performance", "efficiency", "generalisation_gap", "scale", "transferability", "combinations",
+           "intrinsic_dimension", "ipt", "robust_prefix")
 
 
 def test_the_paper_studies_are_discovered_with_all_settings():
