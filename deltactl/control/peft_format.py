@@ -7,10 +7,13 @@ A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetens
 same base model and computes the same outputs.
 
 What the format cannot hold is refused, not approximated: PEFT's prefix-tuning on T5 acts in decoder
-self-attention only, and its layout makes decoder layer l read the key/value slots 4l mod 2L and 4l+1 mod 2L
-of one embedding (L decoder layers), so with L even several layers share rows. A deltactl prefix exports only if
-it sits exactly where PEFT's does and its rows agree where PEFT's layout ties them. A reparameterised prefix
-exports its rows (what PEFT itself saves for inference), with ``prefix_projection`` off.
+self-attention only. Its embedding holds 2N key/value slots, N the adapter's ``num_layers``, and decoder layer
+l reads slots 4l mod 2N and 4l+1 mod 2N, so with N even layers l and l + N/2 share rows (BERT: layer l reads
+slots 2l and 2l+1). PEFT fills N from the model's ``num_hidden_layers``, which for T5 is the encoder's depth, not
+the decoder's; N must be at least the depth of the stack the prefix acts in (PEFT's own forward fails
+otherwise), and extra slots go unread. Import follows the adapter's N; export writes N = that depth. A deltactl
+prefix exports only if it sits exactly where PEFT's does and its rows agree where PEFT's layout ties them. A
+reparameterised prefix exports its rows (what PEFT itself saves for inference), with ``prefix_projection`` off.
 """
 
 from __future__ import annotations
@@ -196,8 +199,8 @@ def _export_prefix(delta):
     dtype = next(delta.controller.parameters()).dtype
     config = {
         "peft_type": "PREFIX_TUNING", "task_type": _task_type(delta), "num_virtual_tokens": p, "token_dim": width,
-        "num_layers": n_layers, "num_transformer_submodules": 2 if seq2seq else 1, "prefix_projection": False,
-        "encoder_hidden_size": width, **_shape_fields(delta.model),
+        "num_transformer_submodules": 2 if seq2seq else 1, "prefix_projection": False, "encoder_hidden_size": width,
+        **_shape_fields(delta.model), "num_layers": n_layers, "num_attention_heads": heads,
     }
     return config, {"prompt_embeddings": slots.reshape(p, -1).to(dtype)}
 
@@ -206,8 +209,7 @@ def _import_prefix(model, config, tensors, name):
     if config.get("prefix_projection") and "prompt_embeddings" not in tensors:
         raise ValueError("this PEFT prefix saved its projection MLP, not its rows; save it with inference_mode")
     sites = _peft_prefix_sites(model)
-    p, n_layers = config["num_virtual_tokens"], len(sites)
-    seq2seq = config.get("task_type") == "SEQ_2_SEQ_LM"
+    p, n_layers, seq2seq = _peft_prefix_layout(model, config, sites, tensors["prompt_embeddings"])
     heads, head_dim = sites[0].dims["heads"], sites[0].dims["head_dim"]
     slots = tensors["prompt_embeddings"].view(p, 2 * n_layers, heads * head_dim)
     delta = attach(model, "prefix", length=p, reparameterize=False, sites=tuple(s.name for s in sites), name=name)
@@ -217,6 +219,34 @@ def _import_prefix(model, config, tensors, name):
             rows = delta.controller.rows[site_key(site.name)].view(p, 2, heads * head_dim)
             rows[:, 0], rows[:, 1] = slots[:, k_slot], slots[:, v_slot]
     return delta
+
+
+def _peft_prefix_layout(model, config, sites, embeddings) -> tuple[int, int, bool]:
+    """(num_virtual_tokens, num_layers, seq2seq) of a PEFT prefix, checked against ``model`` and its tensor."""
+    stack = sites[0].name.split(".")[0]
+    heads, head_dim = sites[0].dims["heads"], sites[0].dims["head_dim"]
+    width, depth = heads * head_dim, len(sites)
+    # PEFT fills a missing num_layers from the model's num_hidden_layers (T5: the encoder's depth)
+    n_layers = config.get("num_layers") or getattr(model.config, "num_hidden_layers", None) or depth
+    if n_layers < depth:
+        raise ValueError(
+            f"this PEFT prefix has num_layers={n_layers}, but the model's {stack} has {depth} self-attention "
+            f"layers; PEFT's layout gives layers {n_layers}…{depth - 1} no rows (and PEFT's own forward fails)"
+        )
+    token_dim, peft_heads = config.get("token_dim") or width, config.get("num_attention_heads") or heads
+    if token_dim != width or peft_heads != heads:
+        raise ValueError(
+            f"this PEFT prefix has token_dim={token_dim} over num_attention_heads={peft_heads}, but the model's "
+            f"{stack} self-attention has {width} = {heads} heads × {head_dim}"
+        )
+    p = config["num_virtual_tokens"]
+    if tuple(embeddings.shape) != (p, 2 * n_layers * width):
+        raise ValueError(
+            f"this PEFT prefix's prompt_embeddings is {tuple(embeddings.shape)}, but num_virtual_tokens={p}, "
+            f"num_layers={n_layers} and token_dim={width} make it ({p}, {2 * n_layers * width})"
+        )
+    submodules = config.get("num_transformer_submodules") or (2 if config.get("task_type") == "SEQ_2_SEQ_LM" else 1)
+    return p, n_layers, submodules == 2
 
 
 # ---- shared ------------------------------------------------------------------------------------------------------
