@@ -99,8 +99,9 @@ class Case:
     family: str
     variant: dict
 
-    def model(self, seed=0):
-        return tiny_t5(seed, **self.variant) if self.family == "t5" else tiny_bert(seed, **self.variant)
+    def model(self, seed=0, **overrides):
+        options = {**self.variant, **overrides}
+        return tiny_t5(seed, **options) if self.family == "t5" else tiny_bert(seed, **options)
 
     def batch(self):
         return tiny_batch() if self.family == "t5" else tiny_bert_batch()

@@ -37,8 +37,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def t5_with(method, seed=0, **options):
-    model = tiny_t5()
+def t5_with(method, seed=0, attention="eager", **options):
+    model = tiny_t5(attn_implementation=attention)
     delta = dc.attach(model, config(method, **options))
     perturb(delta, seed=seed)
     return model.eval(), delta, {**tiny_batch(), "labels": tiny_batch()["decoder_input_ids"]}
@@ -47,9 +47,10 @@ def t5_with(method, seed=0, **options):
 # ---- MSA --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
-def test_linearised_msa_step_is_a_gradient_step(method):
-    model, _, batch = t5_with(method)
+def test_linearised_msa_step_is_a_gradient_step(method, attention):
+    model, _, batch = t5_with(method, attention=attention)
     controls = trainable_controls(model)
     step = linearised_step(model_system(model, batch), controls, proximal=5.0)
     model(**batch).loss.backward()
@@ -58,8 +59,9 @@ def test_linearised_msa_step_is_a_gradient_step(method):
             torch.testing.assert_close(step[name], p.detach() - p.grad / 5.0, atol=1e-14, rtol=0)
 
 
-def test_one_inner_sgd_step_of_basic_msa_is_sgd():
-    model, _, batch = t5_with("lora")
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_one_inner_sgd_step_of_basic_msa_is_sgd(attention):
+    model, _, batch = t5_with("lora", attention=attention)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model(**batch).loss.backward()
     expected = {n: p.detach() - 0.1 * p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from deltactl.backbones import compat
 from deltactl.backbones.parameters import ParameterHandle, parameter_sites
 from deltactl.control.sites import OUTPUT_KINDS, Site
 
@@ -81,6 +82,14 @@ class Backbone(ABC):
         finally:
             for h in handles:
                 h.remove()
+        for stack, blocks in self.blocks().items():
+            states = traj.states[stack]
+            if states and len(states) != len(blocks) + 1:  # a stack that did not run records nothing
+                raise RuntimeError(
+                    f"rollout recorded {len(states)} {stack} states for {len(blocks)} blocks (expected "
+                    f"{len(blocks) + 1}): the forward pass ran {stack} blocks more than once or skipped some "
+                    f"(transformers {compat.VERSION}); pass the inputs of one full forward pass"
+                )
         return traj
 
 
@@ -104,7 +113,7 @@ def _input_hook(control):
 
 def _record_input(states):
     def hook(module, args, kwargs):
-        states.append(args[0] if args else kwargs["hidden_states"])
+        states.append(compat.first_argument(module.forward, args, kwargs))
 
     return hook
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.bert.modeling_bert import BertModel, eager_attention_forward
+from transformers import BertModel
 
+from deltactl.backbones import compat
 from deltactl.backbones.base import Backbone
 from deltactl.backbones.memory import MemoryHandle
 from deltactl.control.sites import Site
@@ -76,7 +77,7 @@ class BertBackbone(Backbone):
 
     def hook(self, site, control):
         if site.kind == "memory":
-            return MemoryHandle(self.module(site), control, eager_attention_forward)
+            return MemoryHandle(self.module(site), control, compat.eager_attention("bert"))
         if site.kind == "sequence":
             return self.bert.register_forward_pre_hook(_prepend_rows(control), with_kwargs=True)
         if site.kind == "branch":
@@ -118,17 +119,11 @@ class _BranchHandle:
             h.remove()
 
 
-_BERT_ARGS = (  # BertModel.forward's arguments, in order
-    "input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "encoder_hidden_states",
-    "encoder_attention_mask", "past_key_values", "use_cache",
-)
-
-
 def _prepend_rows(control):
     """Pre-hook on BertModel: [rows; word embeddings] as inputs_embeds, with mask, token types, positions widened."""
 
     def hook(bert, args, kwargs):
-        kwargs = {**dict(zip(_BERT_ARGS, args)), **kwargs}
+        kwargs = compat.bind_call(bert.forward, args, kwargs)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = bert.embeddings.word_embeddings(kwargs["input_ids"])

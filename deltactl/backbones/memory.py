@@ -17,9 +17,8 @@ Every handle's ``remove()`` undoes exactly what it did.
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from deltactl.backbones import compat
 
 PREFIX = "deltactl_"
 _ROWS = "_deltactl_memory"  # on an attention module: its row providers, while memory controllers act there
@@ -45,11 +44,11 @@ class MemoryHandle:
             attention.__dict__[_WIDEN] = widen
         providers.append(control)
         config = attention.config
-        base = config._attn_implementation
+        base = compat.attention_implementation(config)
         if not base.startswith(PREFIX):
-            _register(base)
+            compat.register_attention(PREFIX + base, attention_with_memory, like=base)
             config.__dict__[_BASE], config.__dict__[_EAGER] = base, eager
-            config._attn_implementation = PREFIX + base
+            compat.set_attention_implementation(config, PREFIX + base)
         config.__dict__[_USERS] = config.__dict__.get(_USERS, 0) + 1
 
     def remove(self):
@@ -61,21 +60,14 @@ class MemoryHandle:
         config = self.attention.config
         config.__dict__[_USERS] -= 1
         if config.__dict__[_USERS] == 0:
-            config._attn_implementation = config.__dict__.pop(_BASE)
+            compat.set_attention_implementation(config, config.__dict__.pop(_BASE))
             del config.__dict__[_USERS], config.__dict__[_EAGER]
-
-
-def _register(base: str) -> None:
-    name = PREFIX + base
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, attention_with_memory)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
 
 
 def attention_with_memory(module, query, key, value, attention_mask, **kwargs):
     """The base attention over [Kₚ; K], [Vₚ; V], with the mask (and any family bias) widened over the rows."""
     config = module.config.__dict__
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(config[_BASE], config[_EAGER])
+    attend = compat.attention_function(config[_BASE], config[_EAGER])
     providers = module.__dict__.get(_ROWS)
     if not providers:
         return attend(module, query, key, value, attention_mask, **kwargs)

@@ -16,8 +16,8 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers.models.t5.modeling_t5 import T5Attention, eager_attention_forward
 
+from deltactl.backbones import compat
 from deltactl.backbones.base import Backbone
 from deltactl.backbones.memory import MemoryHandle
 from deltactl.control.sites import Site
@@ -71,12 +71,12 @@ class T5Backbone(Backbone):
         if site.kind == "memory":
             attention = self.module(site)
             widen = partial(_widen_position_bias, self.relative_bias_source(attention))
-            return MemoryHandle(attention, control, eager_attention_forward, widen)
+            return MemoryHandle(attention, control, compat.eager_attention("t5"), widen)
         if site.kind == "sequence":
             return _SequenceHandle(self, control)
         return super().hook(site, control)
 
-    def relative_bias_source(self, attention: T5Attention) -> T5Attention | None:
+    def relative_bias_source(self, attention: nn.Module) -> nn.Module | None:
         """The layer-0 self-attention holding the relative position table this attention uses."""
         for stack in self._stacks().values():
             first = stack.block[0].layer[0].SelfAttention
@@ -110,12 +110,7 @@ def _memory_bias(module, source, q_len, k_len, n_mem, query):
     past = k_len - q_len  # tokens already cached in front of the queries
     context = torch.arange(q_len, device=query.device)[:, None] + past
     memory = torch.arange(n_mem, device=query.device)[None, :] - n_mem
-    buckets = source._relative_position_bucket(
-        memory - context,
-        bidirectional=not source.is_decoder,
-        num_buckets=source.relative_attention_num_buckets,
-        max_distance=source.relative_attention_max_distance,
-    )
+    buckets = compat.relative_position_bucket(source, memory - context, bidirectional=not source.is_decoder)
     return source.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -136,12 +131,9 @@ class _SequenceHandle:
             h.remove()
 
 
-_STACK_ARGS = ("input_ids", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "inputs_embeds")
-
-
 def _prepend_rows(control):
     def hook(stack, args, kwargs):
-        kwargs = {**dict(zip(_STACK_ARGS, args)), **kwargs}
+        kwargs = compat.bind_call(stack.forward, args, kwargs)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = stack.embed_tokens(kwargs["input_ids"])
@@ -156,7 +148,7 @@ def _prepend_rows(control):
 
 
 def _widen_encoder_mask(stack, args, kwargs):
-    kwargs = {**dict(zip(_STACK_ARGS, args)), **kwargs}
+    kwargs = compat.bind_call(stack.forward, args, kwargs)
     states, mask = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
     if states is not None and mask is not None and mask.shape[1] < states.shape[1]:
         extra = mask.new_ones(mask.shape[0], states.shape[1] - mask.shape[1])

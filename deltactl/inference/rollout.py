@@ -9,6 +9,7 @@ computation, so the states are bitwise those of a full rollout, and autograd gra
 
 from __future__ import annotations
 
+from deltactl.backbones import compat
 from deltactl.backbones.base import Backbone, Trajectory
 
 
@@ -62,7 +63,7 @@ def truncated_rollout(backbone: Backbone, stack: str, n_states: int, run=None, *
 
 def _record_input(states, limit):
     def hook(module, args, kwargs):
-        states.append(args[0] if args else kwargs["hidden_states"])
+        states.append(compat.first_argument(module.forward, args, kwargs))
         if limit is not None and len(states) >= limit:
             raise _Enough
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
-from transformers.activations import ACT2FN
 
+from deltactl.backbones.compat import ACT2FN
 from deltactl.control.controller import PerSite
 from deltactl.methods.registry import DeltaConfig, register
 

@@ -15,8 +15,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
+from deltactl.backbones.compat import ACT2FN
 from deltactl.control.controller import Controller, site_key
 from deltactl.methods.registry import DeltaConfig, register
 

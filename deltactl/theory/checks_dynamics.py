@@ -16,14 +16,19 @@ def _relative(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in b) / scale
 
 
+ATTENTIONS = ("eager", "sdpa")  # reverse-mode checks run under both kernels
+
+
 def _cases():
-    """(label, model, batch) for every registered method on the tiny T5 and the tiny BERT, δ perturbed."""
+    """(label, model, batch) for every registered method on the tiny T5 and the tiny BERT, under eager and SDPA
+    attention, δ perturbed."""
     for method in fx.registered_methods():
         for family, make, batch in (("t5", fx.tiny_t5, fx.t5_batch), ("bert", fx.tiny_bert, fx.bert_batch)):
-            model = make()
-            delta = dc.attach(model, fx.small_config(method))
-            fx.perturb(delta.parameters())
-            yield f"{family}/{method}", model.eval(), batch()  # eval: no dropout, no sampled gates
+            for attention in ATTENTIONS:
+                model = make(attention=attention)
+                delta = dc.attach(model, fx.small_config(method))
+                fx.perturb(delta.parameters())
+                yield f"{family}/{method}/{attention}", model.eval(), batch()  # eval: no dropout, no sampled gates
 
 
 def costates_equal_autograd() -> tuple[float, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import deltactl as dc
+from deltactl.backbones import compat
 from deltactl.control.controller import site_key
 from deltactl.methods import make_config
 from deltactl.theory import fixtures as fx
@@ -29,7 +30,7 @@ def prefix_is_gated_attention(site: str = "decoder.1.cross.kv", length: int = 5)
     seen = {}
 
     def keep(module, args, kwargs, out):
-        seen.update(kwargs, hidden=args[0] if args else kwargs["hidden_states"], out=out[0])
+        seen.update(compat.bind_call(module.forward, args, kwargs), out=out[0])
 
     handle = attention.register_forward_hook(keep, with_kwargs=True)
     with torch.no_grad():
@@ -37,7 +38,7 @@ def prefix_is_gated_attention(site: str = "decoder.1.cross.kv", length: int = 5)
     handle.remove()
     law = dict((s.name, law) for s, law in delta.controller.controls())[site]
     with torch.no_grad():
-        h, e = seen["hidden"], seen["key_value_states"]
+        h, e = seen["hidden_states"], seen["key_value_states"]
         b, t = h.shape[:2]
         heads, dk = attention.n_heads, attention.key_value_proj_dim
         split = lambda x: x.view(x.shape[0], x.shape[1], heads, dk).transpose(1, 2)  # noqa: E731

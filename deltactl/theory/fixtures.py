@@ -5,6 +5,9 @@
 - ``small_t5()``: the t5-small architecture (d_model 512, 8 heads, 6 + 6 blocks, vocabulary 32,128), random init,
   float32, for structural checks on a real shape.
 - ``tiny_bert()``: a 2-layer BERT classifier in float64.
+
+The tiny models take ``attention="sdpa"`` too: reverse-mode checks (costates, MSA) run under both kernels, since a
+replay that is only wrong under one of them (a reused cache, say) must not go unseen.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ def registered_methods() -> list[str]:
     return sorted(REGISTRY)
 
 
-def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+def tiny_t5(seed: int = 0, attention: str = "eager") -> T5ForConditionalGeneration:
+    """``attention``: the attention implementation ("eager", or "sdpa" for checks that need no forward-mode AD)."""
     torch.manual_seed(seed)
     config = t5_config("t5-tiny", d_ff=24, dropout_rate=0.0, relative_attention_num_buckets=8,
-                       relative_attention_max_distance=16)
+                       relative_attention_max_distance=16, attn_implementation=attention)
     return T5ForConditionalGeneration(config).to(torch.float64).eval()
 
 
@@ -55,12 +59,12 @@ def small_t5(seed: int = 0) -> T5ForConditionalGeneration:
     return model.eval()
 
 
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+def tiny_bert(seed: int = 0, attention: str = "eager") -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=64, hidden_size=16, num_attention_heads=2, intermediate_size=24, num_hidden_layers=2,
         max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
-        attn_implementation="eager",
+        attn_implementation=attention,
     )
     return BertForSequenceClassification(config).to(torch.float64).eval()
 

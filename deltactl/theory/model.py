@@ -16,6 +16,8 @@ delta method: a controller acts through the hooks the blocks run, whatever it is
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -23,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
-from deltactl.backbones import backbone_for
+from deltactl.backbones import backbone_for, compat
 from deltactl.theory.system import Controls, ControlSystem, Stage
 
 
@@ -83,25 +85,31 @@ def _hidden(out):
 
 
 class _Call:
-    """A recorded module call (args, kwargs) whose hidden state and cross-attention memory can be replaced."""
+    """A recorded call of a block or stack: its arguments by name, ready to replay without any cache.
 
-    def __init__(self, args, kwargs):
-        self.args, self.kwargs = list(_detach(args)), dict(_detach(kwargs))
-        self.kwargs.pop("past_key_values", None)  # a cache would replay stale keys: recompute them
+    Positional arguments are bound by the called forward's signature and caches are dropped by type
+    (``compat.replay_call``), so a release that renames an argument cannot make a replay reuse a filled cache.
+    """
 
-    def replaced(self, hidden=None, memory=None, bias=None):
-        """The call's (args, kwargs) with the state, the cross-attention memory and the position bias replaced."""
-        args, kwargs = list(self.args), dict(self.kwargs)
-        # T5Block(hidden, mask, position_bias, encoder_hidden_states, …); BertLayer(hidden, mask, …)
-        for value, index, name in ((hidden, 0, "hidden_states"), (bias, 2, "position_bias"),
-                                   (memory, 3, "encoder_hidden_states")):
-            if value is None:
-                continue
-            if len(args) > index:
-                args[index] = value
-            else:
-                kwargs[name] = value
-        return args, kwargs
+    def __init__(self, module, args, kwargs):
+        self.module = module
+        self.kwargs = compat.replay_call(module.forward, _detach(args), _detach(kwargs))
+        self.hidden_name = next(iter(inspect.signature(module.forward).parameters))
+
+    @property
+    def hidden(self):
+        return self.kwargs[self.hidden_name]
+
+    def __call__(self, hidden=None, **replace):
+        """Run the module on the recorded call with the state (and any named argument) replaced."""
+        kwargs = {**self.kwargs, **{_ARGUMENTS[role]: v for role, v in replace.items() if v is not None}}
+        hidden = kwargs.pop(self.hidden_name) if hidden is None else hidden
+        kwargs.pop(self.hidden_name, None)
+        return self.module(hidden, **kwargs)  # the state positionally, as the stacks pass it (hooks read args[0])
+
+
+# What a block stage replaces besides the state, by role: T5Block's cross-attention memory and shared position bias.
+_ARGUMENTS = {"memory": "encoder_hidden_states", "bias": "position_bias"}
 
 
 def model_system(model: nn.Module, batch: dict, loss_fn: Callable = default_loss) -> ControlSystem:
@@ -135,18 +143,18 @@ def model_system(model: nn.Module, batch: dict, loss_fn: Callable = default_loss
     handles = []
     for name, module in stacks.items():
         def record_stack(mod, args, kwargs, name=name):
-            stack_calls[name] = _Call(args, kwargs)
+            stack_calls[name] = _Call(mod, args, kwargs)
         handles.append(module.register_forward_pre_hook(record_stack, with_kwargs=True, prepend=True))
         for j, block in enumerate(blocks[name]):
             def record(mod, args, kwargs, name=name):
-                calls[name].append(_Call(args, kwargs))
+                calls[name].append(_Call(mod, args, kwargs))
             def record_out(mod, args, out, node=f"{name}.{j + 1}"):
                 recorded[node] = _hidden(out).detach()
             handles.append(block.register_forward_pre_hook(record, with_kwargs=True, prepend=True))
             handles.append(block.register_forward_hook(record_out))  # after the controllers' hooks
     try:
         with torch.no_grad():
-            loss_fn(model, batch)
+            recorded_loss = loss_fn(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -158,44 +166,45 @@ def model_system(model: nn.Module, batch: dict, loss_fn: Callable = default_loss
             )
 
     for name in blocks:
-        first = calls[name][0]
-        recorded[f"{name}.0"] = first.args[0] if first.args else first.kwargs["hidden_states"]
+        recorded[f"{name}.0"] = calls[name][0].hidden
     if "decoder" in blocks:
-        recorded["encoder.out"] = calls["decoder"][0].replaced()[0][3]
+        compat.require_arguments(blocks["decoder"][0].forward, _ARGUMENTS["memory"])
+        recorded["encoder.out"] = calls["decoder"][0].kwargs[_ARGUMENTS["memory"]]
 
     stages: list[Stage] = []
     coupled = "decoder" in blocks
     for name, stack_blocks in blocks.items():
-        stages.append(Stage(f"{name}.embed", (), f"{name}.0", _initial(model, stacks[name], stack_blocks[0],
-                                                                       stack_calls[name])))
+        stages.append(Stage(f"{name}.embed", (), f"{name}.0", _initial(model, stack_blocks[0], stack_calls[name])))
         shared_bias = backbone.family == "t5" and len(stack_blocks) > 1
         if shared_bias:  # T5's first block computes the relative position bias every later block reuses
-            recorded[f"{name}.bias"] = calls[name][1].replaced()[0][2]
+            compat.require_arguments(stack_blocks[1].forward, _ARGUMENTS["bias"])
+            recorded[f"{name}.bias"] = calls[name][1].kwargs[_ARGUMENTS["bias"]]
             stages.append(Stage(f"{name}.bias", (), f"{name}.bias", _position_bias(model, stack_blocks[0],
                                                                                      recorded[f"{name}.bias"])))
-        for j, block in enumerate(stack_blocks):
+        for j in range(len(stack_blocks)):
             roles = ["memory"] if name == "decoder" else []
             roles += ["bias"] if shared_bias and j > 0 else []
             inputs = (f"{name}.{j}", *({"memory": "encoder.out", "bias": f"{name}.bias"}[r] for r in roles))
-            stages.append(Stage(f"{name}.{j}", inputs, f"{name}.{j + 1}",
-                                _block(model, block, calls[name][j], tuple(roles))))
+            stages.append(Stage(f"{name}.{j}", inputs, f"{name}.{j + 1}", _block(model, calls[name][j], tuple(roles))))
         if name == "encoder" and coupled:
             last = f"encoder.{len(stack_blocks)}"
             stages.append(Stage("encoder.final", (last,), "encoder.out", _readout(model, stacks["encoder"])))
     last_stack = list(blocks)[-1]
     last = f"{last_stack}.{len(blocks[last_stack])}"
     stages.append(Stage("loss", (last,), None, _terminal(model, batch, loss_fn, blocks[last_stack][-1])))
-    return ControlSystem(stages, recorded)
+    system = ControlSystem(stages, recorded)
+    _verify_replay(model, system, recorded_loss)
+    return system
 
 
-def _initial(model, stack, first_block, call):
+def _initial(model, first_block, call):
     def run():
         def stop(mod, args, kwargs):
-            raise _Stop(args[0] if args else kwargs["hidden_states"])
+            raise _Stop(compat.first_argument(mod.forward, args, kwargs))
 
         handle = first_block.register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
         try:
-            stack(*call.args, **call.kwargs)
+            call()
         except _Stop as done:
             return done.value
         finally:
@@ -205,10 +214,9 @@ def _initial(model, stack, first_block, call):
     return lambda controls: call_with(model, controls, run)
 
 
-def _block(model, block, call, roles):
+def _block(model, call, roles):
     def run(hidden, *extra):
-        args, kwargs = call.replaced(hidden, **dict(zip(roles, extra)))
-        return _hidden(block(*args, **kwargs))
+        return _hidden(call(hidden, **dict(zip(roles, extra))))
 
     return lambda controls, hidden, *extra: call_with(model, controls, run, hidden, *extra)
 
@@ -217,7 +225,7 @@ def _position_bias(model, first_block, recorded):
     # The bias depends on δ only where a control acts on the relative position table (a parameter site).
     attention = first_block.layer[0].SelfAttention
     q_len, k_len = recorded.shape[-2:]
-    return lambda controls: call_with(model, controls, lambda: attention.compute_bias(q_len, k_len))
+    return lambda controls: call_with(model, controls, lambda: compat.relative_position_bias(attention, q_len, k_len))
 
 
 def _readout(model, encoder):
@@ -250,12 +258,12 @@ def state_gradients(model: nn.Module, batch: dict, loss_fn: Callable = default_l
     for name, blocks in backbone.blocks().items():
         for j, block in enumerate(blocks):
             def keep_in(mod, args, kwargs, node=f"{name}.{j}"):
-                h = args[0] if args else kwargs["hidden_states"]
+                h = compat.first_argument(mod.forward, args, kwargs)
                 if h.requires_grad:
                     h.retain_grad()
                 else:  # a state δ does not reach (no prompt rows): make it a leaf so J's gradient is kept
                     h = h.detach().requires_grad_()
-                    args, kwargs = ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+                    args, kwargs = compat.replace_first_argument(mod.forward, args, kwargs, h)
                 kept[node] = h
                 return args, kwargs
             handles.append(block.register_forward_pre_hook(keep_in, with_kwargs=True, prepend=True))
@@ -275,3 +283,61 @@ def state_gradients(model: nn.Module, batch: dict, loss_fn: Callable = default_l
         for h in handles:
             h.remove()
     return {k: (v.grad if v.grad is not None else torch.zeros_like(v)).detach() for k, v in kept.items()}
+
+
+# ---- the replay checks itself against the model's own forward -----------------------------------------------------
+
+_REPLAY_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # relative to the largest entry; half: 2e-2
+_verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _verify_replay(model, system: ControlSystem, loss) -> None:
+    """Replay every stage once on the recorded inputs and compare with the model's own forward; loud if different.
+
+    Done once per model and set of controls (and attention implementation): replaying blocks depends on transformers
+    internals (argument names, caches, masks), and a replay that reuses state the recorded pass left behind gives
+    wrong numbers without failing. Decoder blocks must also read the encoder output they are given (not a cached
+    copy): their output has to move when it moves.
+    """
+    controls = trainable_controls(model)
+    key = (tuple(sorted(controls)), tuple(sorted({compat.attention_implementation(m.config) for m in model.modules()
+                                                  if hasattr(m, "config") and hasattr(m.config, "model_type")})))
+    if key in _verified.setdefault(model, set()):
+        return
+    recorded = system.recorded
+    with torch.no_grad():
+        for stage in system.stages:
+            args = [recorded[n] for n in stage.inputs]
+            try:
+                value = stage.step(controls, *args)
+            except Exception as error:  # a replay that cannot even run (e.g. a stale cache under eager attention)
+                _replay_error(stage.name, f"it raised {type(error).__name__}: {error}", error)
+            expected = loss if stage.output is None else recorded[stage.output]
+            _compare(stage.name, value, expected)
+            if "encoder.out" in stage.inputs and stage.output is not None:
+                moved = [a * 1.5 + 0.25 if n == "encoder.out" else a for n, a in zip(stage.inputs, args)]
+                if torch.equal(stage.step(controls, *moved), value):
+                    _replay_error(stage.name, "its output does not depend on the encoder output it is given "
+                                              "(the replay reads a cached cross-attention)")
+    _verified[model].add(key)
+
+
+def _compare(name, value, expected):
+    if not isinstance(expected, torch.Tensor):
+        return
+    value, expected = torch.as_tensor(value), expected.detach()
+    if value.shape != expected.shape:
+        _replay_error(name, f"shape {tuple(value.shape)} where the model's forward gave {tuple(expected.shape)}")
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    error = (value.to(expected.dtype) - expected).abs().max().item() if expected.numel() else 0.0
+    tolerance = _REPLAY_TOLERANCE.get(expected.dtype, 2e-2) * max(scale, 1.0)
+    if not error <= tolerance:  # also catches NaN
+        _replay_error(name, f"max difference {error:.3g} from the model's own forward (tolerance {tolerance:.3g})")
+
+
+def _replay_error(stage, what, cause=None):
+    raise RuntimeError(
+        f"model_system: replaying stage {stage!r} disagrees with the model's own forward: {what}. The block replay "
+        f"depends on transformers internals (argument names, caches, masks) and transformers {compat.VERSION} is not "
+        "handled correctly by deltactl.backbones.compat; the theory tools would give wrong numbers, so they stop here"
+    ) from cause

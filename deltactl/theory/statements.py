@@ -37,9 +37,10 @@ class Result:
 
 STATEMENTS = {s.name: s for s in [
     Statement("costates", "costates p⁽ʲ⁾ = −∂J/∂h⁽ʲ⁾ and ∇_δ J = −Σ_j ∇_δ H_j (every method)",
-              "tiny T5 + tiny BERT, float64", 1e-10, dyn.costates_equal_autograd),
+              "tiny T5 + tiny BERT, float64, eager and SDPA", 1e-10, dyn.costates_equal_autograd),
     Statement("msa-gradient-step", "the linearised proximal MSA step is a gradient-descent step (every method)",
-              "tiny T5 + tiny BERT, float64", 1e-10, dyn.msa_linearised_step_is_gradient_descent),
+              "tiny T5 + tiny BERT, float64, eager and SDPA", 1e-10,
+              dyn.msa_linearised_step_is_gradient_descent),
     Statement("msa-riccati", "MSA reaches the Riccati optimum of a linear-quadratic problem",
               "LQ (n = 4, m = 2, T = 8), float64", 1e-8, dyn.msa_reaches_riccati_optimum),
     Statement("prefix-gated-attention", "prefix attention = (1 − λ)·attention(tokens) + λ·attention(prefix)",
