@@ -12,6 +12,9 @@ Checked (in practice the two sides agree bit for bit):
   cache): deltactl's rows written into PEFT's prefix embedding in PEFT's layout (``_peft_slots``); logits with and
   without a padded ``decoder_attention_mask`` (PEFT widens it with ones; deltactl's memory columns are always
   visible), loss, gradients, and greedy ``generate()``; also under sdpa, where the attention gets no mask at all.
+  Where PEFT's ``generate()`` drops the prefix (PEFT 0.21 on transformers 5.24, detected by
+  ``peft_probes.peft_t5_prefix_generate_drops_prefix``) the generate comparisons are strict xfails, and deltactl's
+  generate is still checked against greedy decoding by full forward passes, each pass against PEFT's forward.
 
 Where deltactl goes further than PEFT:
 
@@ -32,6 +35,7 @@ import pytest
 import torch
 from conftest import VARIANTS, tiny_batch, tiny_t5
 from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft_probes import T5_GENERATE_DROPS_PREFIX, peft_t5_prefix_generate_drops_prefix
 
 import deltactl as dc
 from deltactl.control.controller import site_key
@@ -258,6 +262,12 @@ def test_prefix_with_decoder_mask_matches_peft(variant):
         assert _max_diff(model(**batch).logits, peft_model(**batch).logits) < TOL
 
 
+PEFT_GENERATE_DROPS_PREFIX = pytest.mark.xfail(
+    condition=peft_t5_prefix_generate_drops_prefix(), reason=T5_GENERATE_DROPS_PREFIX, strict=True
+)
+
+
+@PEFT_GENERATE_DROPS_PREFIX
 @pytest.mark.parametrize("variant", GENERATE_VARIANTS)
 def test_prefix_generate_matches_peft(variant):
     model, _, peft_model, _, _ = _prefix_pair(variant)
@@ -270,6 +280,19 @@ def test_prefix_generate_matches_peft(variant):
     assert _max_diff(scores, ref_scores) < TOL
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prefix_sdpa_forward_matches_peft(variant):
+    """Under sdpa, with no padding, transformers hands attention no mask: deltactl spells out the causal mask
+    (its memory columns break the square shape sdpa's implicit causal mask assumes); PEFT's cache makes
+    transformers build one. Forward only, so it stands where PEFT's generate() is broken."""
+    model, _, peft_model, _, _ = _prefix_pair(variant, attn_implementation="sdpa")
+    batch = tiny_batch()
+    batch["attention_mask"].fill_(1)
+    with torch.no_grad():
+        assert _max_diff(model(**batch).logits, peft_model(**batch).logits) < TOL
+
+
+@PEFT_GENERATE_DROPS_PREFIX
 @pytest.mark.parametrize("variant", GENERATE_VARIANTS)
 def test_prefix_sdpa_matches_peft(variant):
     """Under sdpa, transformers passes no mask where none is needed: deltactl then spells out the causal mask."""
@@ -282,3 +305,43 @@ def test_prefix_sdpa_matches_peft(variant):
     ref_tokens, ref_scores = _greedy(peft_model, batch)
     assert torch.equal(tokens, ref_tokens)
     assert _max_diff(scores, ref_scores) < TOL
+
+
+def _greedy_uncached(model, batch, new_tokens):
+    """Greedy decoding by full forward passes over the whole decoder prefix (no cache): the tokens and the logits of
+    the last position at every step, and the decoder inputs of every step."""
+    dec = torch.zeros(batch["input_ids"].shape[0], 1, dtype=torch.long)  # decoder_start_token_id = 0
+    steps, scores = [], []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            steps.append(dec)
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec,
+                use_cache=False,
+            ).logits[:, -1]
+            scores.append(logits)
+            dec = torch.cat([dec, logits.argmax(-1, keepdim=True)], 1)
+    return dec, torch.stack(scores), steps
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", GENERATE_VARIANTS)
+def test_prefix_generate_equals_uncached_greedy_anchored_to_peft_forward(variant, impl):
+    """deltactl's cached generate() against greedy decoding by full forward passes, and each of those passes against
+    PEFT's forward on the same decoder inputs. This checks deltactl's generate with prefixes without PEFT's
+    generate() (which transformers 5.24 breaks, see ``peft_probes``): PEFT's forward is unaffected."""
+    model, _, peft_model, _, _ = _prefix_pair(variant, attn_implementation=impl)
+    batch = tiny_batch()
+    if impl == "sdpa":
+        batch["attention_mask"].fill_(1)  # no padding: the masks handed to attention are None
+    n = 6
+    tokens, scores = _greedy(model, batch, new_tokens=n)
+    ref_tokens, ref_scores, steps = _greedy_uncached(model, batch, n)
+    assert torch.equal(tokens, ref_tokens)
+    # generate() returns its scores in float32: compare at float32 precision
+    torch.testing.assert_close(scores, ref_scores.to(scores.dtype), rtol=2e-6, atol=2e-6)
+    with torch.no_grad():
+        for dec in steps:
+            ours = model(**{**batch, "decoder_input_ids": dec}).logits
+            theirs = peft_model(**{**batch, "decoder_input_ids": dec}).logits
+            assert _max_diff(ours, theirs) < TOL
