@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from deltactl.backbones import backbone_for
@@ -124,7 +125,7 @@ class Delta:
         return f"Delta({self.name!r}, {self.config!r}, {self.num_parameters():,} parameters, {state}{frozen})"
 
 
-def attach(model: nn.Module, config, *, name: str | None = None, **options) -> Delta:
+def attach(model: nn.Module, config, *, name: str | None = None, dtype: torch.dtype | None = None, **options) -> Delta:
     """Attach a delta method to ``model`` and freeze everything but δ.
 
     Args:
@@ -132,6 +133,10 @@ def attach(model: nn.Module, config, *, name: str | None = None, **options) -> D
         config: a method name (with ``options``), a method config, or ``chain(...)``/``sum(...)`` of configs.
         name: the delta's name on the model (default: the method name, numbered if taken). Several deltas may be
             attached at once: they act together (a simultaneous combination) unless switched with ``use``.
+        dtype: δ's dtype. Default ``delta_dtype(base dtype)``: float32 on a float16/bfloat16 base (as PEFT's
+            ``autocast_adapter_dtype``), the base's dtype otherwise. The laws compute in δ's dtype and hand the
+            model its own dtype back, so outputs keep the base dtype and an update far below the base dtype's
+            resolution still changes δ.
 
     Returns:
         The attached ``Delta``.
@@ -147,7 +152,9 @@ def attach(model: nn.Module, config, *, name: str | None = None, **options) -> D
     backbone = backbone_for(model)
     controller = build(config, backbone)
     reference = next(p for p in _base_parameters(model) if p.is_floating_point())
-    controller.to(device=reference.device, dtype=reference.dtype)
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"δ's dtype must be a floating-point dtype, got {dtype}")
+    controller.to(device=reference.device, dtype=dtype or delta_dtype(reference.dtype))
     controller.train(model.training)  # a model in eval mode gets an eval-mode controller (dropout, gates)
 
     root = model._modules.get(ROOT)
@@ -168,6 +175,18 @@ def attach(model: nn.Module, config, *, name: str | None = None, **options) -> D
     delta = root.handles[name] = Delta(model, backbone, controller, name)
     _reinstall(model, delta)
     return delta
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def delta_dtype(base: torch.dtype) -> torch.dtype:
+    """The dtype δ gets on a base of dtype ``base``: float32 on a half-precision base, ``base`` otherwise.
+
+    In bfloat16 a weight near 1 is spaced 2⁻⁷ from the next, so a 1e-4 optimiser step of it is lost to rounding;
+    in float16 AdamW's ε = 1e-8 is 0, so an entry with a zero gradient (LoRA's A while B = 0) steps by 0/0 = NaN.
+    """
+    return torch.float32 if base in HALF else base
 
 
 def deltas(model) -> dict[str, Delta]:

@@ -7,6 +7,11 @@ runs at the base model's cost; its outputs equal the unmerged ones within the dt
 a merge replaces are kept (a copy of each), so ``unmerge`` restores them bit for bit in any dtype — an
 update subtracted again would not be exact in bfloat16. A T5 linear layer has no bias: merging BitFit there
 creates one, and unmerging removes it.
+
+Half precision: δ stays float32 on a float16/bfloat16 base (``attach.delta_dtype``). A law forms θ' in float32
+and merging rounds it once into the weight as it is, so the base weights keep their dtype (a bias created for
+BitFit takes the layer's dtype). Parameter-site laws (LN-tuning, diff pruning, masks, last-layer, selective,
+named) round θ' to θ's dtype in the forward pass too, so there merged and unmerged outputs are identical.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ def merge(delta: Delta) -> None:
             new = law(old)
             if new is None:  # nothing to write (a scaling of a bias the layer does not have)
                 continue
-            if old is None:  # a registered-but-absent parameter (nn.Linear(bias=False)): create it
-                module._parameters[attribute] = nn.Parameter(new.detach().clone(), requires_grad=False)
+            if old is None:  # a registered-but-absent parameter (nn.Linear(bias=False)): create it in the layer's dtype
+                dtype = next((p.dtype for p in module._parameters.values() if p is not None), new.dtype)
+                module._parameters[attribute] = nn.Parameter(new.detach().to(dtype).clone(), requires_grad=False)
                 saved.append((module, attribute, None))
             else:
                 saved.append((module, attribute, old.detach().clone()))

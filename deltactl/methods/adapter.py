@@ -39,7 +39,7 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x, y):
-        return y + self.up(self.act(self.down(y)))
+        return (y + self.up(self.act(self.down(y.to(self.up.weight.dtype))))).to(y.dtype)
 
 
 def build(cfg, backbone, sites):

@@ -29,7 +29,7 @@ class Bias(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d))
 
     def forward(self, x, y):
-        return y + self.bias
+        return (y + self.bias).to(y.dtype)
 
     def weight_laws(self, site):
         return [("bias", lambda b: self.bias.clone() if b is None else b + self.bias)]

@@ -64,7 +64,7 @@ class CompacterAdapter(nn.Module):
         self.act = ACT2FN[cfg.activation]
 
     def forward(self, y, rule_down, rule_up):
-        return y + self.up(self.act(self.down(y, rule_down)), rule_up)
+        return (y + self.up(self.act(self.down(y.to(rule_up.dtype), rule_down)), rule_up)).to(y.dtype)
 
 
 class Compacter(Controller):

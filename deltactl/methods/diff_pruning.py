@@ -54,10 +54,10 @@ class GatedDiff(nn.Module):
         return self.gate(sample) * self.w
 
     def forward(self, theta):
-        return theta + self.diff()
+        return (theta + self.diff()).to(theta.dtype)
 
     def weight_laws(self, site):
-        return [(site.dims["param"], lambda theta: theta + self.diff(sample=False))]
+        return [(site.dims["param"], lambda theta: (theta + self.diff(sample=False)).to(theta.dtype))]
 
 
 class DiffPruning(PerSite):

@@ -38,7 +38,8 @@ class Scale(nn.Module):
         self.acts_on = acts_on
 
     def forward(self, x, y=None):
-        return x * self.l if self.acts_on == "input" else y * self.l
+        z = x if self.acts_on == "input" else y
+        return (z.to(self.l.dtype) * self.l).to(z.dtype)  # in δ's dtype, rounded once to the layer's
 
     def weight_laws(self, site):
         if self.acts_on == "input":  # W (l ⊙ x) = (W diag l) x: scale the columns

@@ -41,8 +41,10 @@ class LoRALayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
 
     def forward(self, x, y):
+        # In δ's dtype (float32 on a half base, as PEFT computes), rounded once to the layer's dtype.
+        x = x.to(self.A.dtype)
         x = x if self.dropout is None else self.dropout(x)
-        return y + lora_update(x, self.A, self.B, self.scale)
+        return (y + lora_update(x, self.A, self.B, self.scale)).to(y.dtype)
 
     def weight_laws(self, site):
         return [("weight", lambda W: W + self.scale * (self.B @ self.A))]  # W ← W + (α/r) B A

@@ -58,7 +58,7 @@ class LowRankAdapter(nn.Module):
         self.act = ACT2FN[cfg.activation]
 
     def forward(self, x, y):
-        return y + self.up(self.act(self.down(y)))
+        return (y + self.up(self.act(self.down(y.to(self.up.bias.dtype))))).to(y.dtype)
 
 
 def build(cfg, backbone, sites):

@@ -39,7 +39,7 @@ class Mask(nn.Module):
         return hard + (self.scores - self.scores.detach())  # the value of hard, the gradient of the identity
 
     def forward(self, theta):
-        return theta * self.mask()
+        return (theta * self.mask()).to(theta.dtype)  # θ or 0 exactly, in any dtype
 
     def weight_laws(self, site):
         return [(site.dims["param"], lambda theta: theta * (self.scores > self.threshold).to(theta.dtype))]

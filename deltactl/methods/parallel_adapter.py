@@ -43,7 +43,7 @@ class ParallelAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x, y):  # branch protocol: x the sub-layer input h, y its update F(h)
-        return y + self.scale * self.up(self.act(self.down(x)))
+        return (y + self.scale * self.up(self.act(self.down(x.to(self.up.weight.dtype))))).to(y.dtype)
 
 
 def build(cfg, backbone, sites):

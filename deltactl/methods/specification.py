@@ -23,7 +23,7 @@ class Shift(nn.Module):
         self.delta = nn.Parameter(torch.zeros(shape))
 
     def forward(self, theta):
-        return theta + self.delta
+        return (theta + self.delta).to(theta.dtype)  # θ + Δ formed in δ's dtype, rounded once to θ's
 
     def weight_laws(self, site):
         return [(site.dims["param"], self)]
