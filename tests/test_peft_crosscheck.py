@@ -345,3 +345,52 @@ def test_prefix_generate_equals_uncached_greedy_anchored_to_peft_forward(variant
             ours = model(**{**batch, "decoder_input_ids": dec}).logits
             theirs = peft_model(**{**batch, "decoder_input_ids": dec}).logits
             assert _max_diff(ours, theirs) < TOL
+
+
+# ---- IA3 -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_ia3_matches_peft(variant):
+    """IA3 on keys, values and the FFN's inner activations (PEFT's ``feedforward_modules``) on identical weights and
+    identical random l: logits, loss, every l's gradient, and the merged weights agree with PEFT's."""
+    from peft import IA3Config
+
+    model, ref = _pair(variant)
+    batch = tiny_batch()
+    labels = batch.pop("decoder_input_ids")
+    with torch.no_grad():
+        base_logits = ref(**batch, labels=labels).logits
+    delta = dc.attach(model, "ia3")
+    peft_model = get_peft_model(ref, IA3Config(target_modules=["k", "v", "wo"], feedforward_modules=["wo"]))
+    pairs = []
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for site in delta.controller.sites:
+            ours = delta.controller.layers[site_key(site.name)]
+            theirs = peft_model.base_model.model.get_submodule(site.module)
+            assert theirs.is_feedforward == (ours.acts_on == "input")
+            ours.l.copy_(1 + 0.5 * torch.randn(ours.l.shape, generator=g, dtype=ours.l.dtype))
+            theirs.ia3_l["default"].copy_(ours.l.view_as(theirs.ia3_l["default"]))
+            pairs.append((ours, theirs))
+    n_peft = sum(1 for name, _ in peft_model.named_parameters() if "ia3_l" in name)
+    assert len(pairs) == n_peft == 3 * model.config.num_layers + 5 * model.config.num_decoder_layers
+
+    out, ref_out = model(**batch, labels=labels), peft_model(**batch, labels=labels)
+    assert _max_diff(out.logits, base_logits) > 1e-3
+    assert _max_diff(out.logits, ref_out.logits) < TOL
+    assert abs(out.loss.item() - ref_out.loss.item()) < TOL
+    out.loss.backward()
+    ref_out.loss.backward()
+    for ours, theirs in pairs:
+        assert ours.l.grad.abs().max() > 0
+        assert _max_diff(ours.l.grad, theirs.ia3_l["default"].grad.view_as(ours.l)) < TOL
+
+    with torch.no_grad():
+        delta.merge()
+        merged = peft_model.merge_and_unload()
+        ours_state, theirs_state = model.state_dict(), merged.state_dict()
+        for site in delta.controller.sites:
+            key = site.module + ".weight"
+            assert _max_diff(ours_state[key], theirs_state[key]) < 1e-12, key
+        assert _max_diff(model(**batch, labels=labels).logits, ref_out.logits) < TOL
