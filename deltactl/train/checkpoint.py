@@ -31,8 +31,9 @@ def _unflatten_optimizer(tensors: dict, scalars: dict) -> dict:
     return {"state": state, "param_groups": scalars["param_groups"]}
 
 
-def save_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, progress: dict) -> None:
-    """Write ``folder`` as a whole or not at all (a kill mid-write leaves the previous checkpoint)."""
+def save_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, progress: dict, scaler=None) -> None:
+    """Write ``folder`` as a whole or not at all (a kill mid-write leaves the previous checkpoint); ``scaler``: the
+    loss scaler of a float16 run, whose scale is part of the state."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -46,6 +47,8 @@ def save_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, progres
             tensors[f"rng/cuda{i}"] = s
     save_file(tensors, str(tmp / "state.safetensors"))
     meta = {"progress": progress, "optimizer": opt_scalars, "scheduler": scheduler.state_dict()}
+    if scaler is not None:
+        meta["scaler"] = scaler.state_dict()
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
@@ -54,8 +57,8 @@ def save_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, progres
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, trainable: dict, optimizer, scheduler) -> dict:
-    """Restore parameters, optimizer, scheduler and RNG from ``folder``; returns the saved progress."""
+def load_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, scaler=None) -> dict:
+    """Restore parameters, optimizer, scheduler, loss scaler and RNG from ``folder``; returns the saved progress."""
     folder = Path(folder)
     if not folder.exists() and folder.with_name(folder.name + ".old").exists():
         folder = folder.with_name(folder.name + ".old")  # killed between the two renames
@@ -66,6 +69,8 @@ def load_checkpoint(folder: Path, trainable: dict, optimizer, scheduler) -> dict
             param.copy_(tensors[f"param/{name}"])
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors["rng/torch"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")])

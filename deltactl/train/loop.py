@@ -1,4 +1,11 @@
-"""The training loop: AdamW, warm-up + linear decay, periodic evaluation, best-δ keeping, early stopping, resume."""
+"""The training loop: AdamW, warm-up + linear decay, periodic evaluation, best-δ keeping, early stopping, resume.
+
+Precision: the model trains in the dtype it has (a checkpoint loads in its own dtype). On a bfloat16 or float16
+base δ is float32 (``deltactl.control.attach.delta_dtype``), and so is the optimiser state. A float16 model also
+gets dynamic loss scaling (``torch.amp.GradScaler``): its gradients would otherwise underflow below float16's
+6e-8 or overflow above 65504; a step whose gradients overflow is skipped and the scale lowered. Weights that
+train in float16 themselves (full fine-tuning of a float16 model) are refused.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,11 +82,14 @@ def fit(
     warm = max(1, round(config.warmup * total))
     schedule = lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = _loss_scaler(model, trainable)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if scaler is not None:
+        accelerator.print("float16 model: δ trains in float32 with dynamic loss scaling")
 
     progress = {"step": 0, "best_metric": None, "best_step": None, "bad_evals": 0, "seconds": 0.0}
     if has_checkpoint(out / "checkpoint"):
-        progress = load_checkpoint(out / "checkpoint", trainable, optimizer, scheduler)
+        progress = load_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, scaler)
         _truncate_log(out / "log.jsonl", progress["step"])
         accelerator.print(f"resuming from step {progress['step']} of {total} ({out / 'checkpoint'})")
     else:
@@ -88,7 +99,7 @@ def fit(
 
     def checkpoint():
         progress["seconds"] = time.perf_counter() - started
-        save_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, progress)
+        save_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, progress, scaler)
 
     status = "finished"
     bar = tqdm(
@@ -100,22 +111,40 @@ def fit(
         for batch in _epoch_batches(accelerator, train_set, collate, config, epoch, skip=done):
             model.train()
             loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
+            too_small = scaler is not None and scaler.get_scale() < 1
+            if not torch.isfinite(loss) or too_small:
                 status = "diverged"
                 kept = (
                     f"the best δ so far (step {progress['best_step']}) is kept in {out / 'best'}"
                     if progress["best_step"] else "no evaluation had run yet, so no δ was kept"
                 )
-                accelerator.print(
-                    f"stopping: the training loss became {loss.item()} at step {progress['step'] + 1}; {kept}. "
+                what = (
+                    f"the gradients overflowed float16 even without loss scaling (scale {scaler.get_scale():g})"
+                    if too_small else f"the training loss became {loss.item()}"
+                )
+                advice = (
+                    "The model computes in float16, whose range ends at 65504, and its forward or backward pass "
+                    "overflowed; loss scaling cannot prevent that. Train the base in bfloat16 or float32 instead "
+                    "(save the checkpoint in that dtype, e.g. model.to(torch.bfloat16).save_pretrained(folder)), or "
+                    "lower the learning rate (--lr), and rerun with a new --out."
+                    if scaler is not None else
                     "Lower the learning rate (--lr) or the warm-up share and rerun with a new --out."
                 )
+                accelerator.print(f"stopping: {what} at step {progress['step'] + 1}; {kept}. {advice}")
                 break
-            accelerator.backward(loss)
+            accelerator.backward(loss if scaler is None else scaler.scale(loss))
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients; an overflow is recorded and the step skipped
             if config.max_grad_norm:
                 accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+            with warnings.catch_warnings():  # a skipped first step makes the scheduler warn; the schedule counts steps
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)`")
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             progress["step"] += 1
             bar.update(1)
@@ -135,6 +164,21 @@ def fit(
     outcome = Outcome(progress["best_metric"], progress["best_step"], progress["step"], status, seconds)
     (out / "outcome.json").write_text(json.dumps(asdict(outcome), indent=1) + "\n")
     return outcome
+
+
+def _loss_scaler(model, trainable) -> torch.amp.GradScaler | None:
+    """A GradScaler if the model computes in float16 (None otherwise); refuses weights that train in float16."""
+    if not any(p.dtype == torch.float16 for p in model.parameters()):
+        return None
+    narrow = [n for n, p in trainable.items() if p.dtype == torch.float16]
+    if narrow:
+        raise ValueError(
+            f"{len(narrow):,} trained weights (e.g. {narrow[0]!r}) are float16: an optimiser step on float16 weights "
+            "loses small updates and AdamW's ε = 1e-8 rounds to 0 there, so training goes NaN. Train a delta "
+            "method instead (its δ is float32 on a float16 base), or train the weights in float32, or at least "
+            "bfloat16 (save the checkpoint in that dtype, e.g. model.to(torch.float32).save_pretrained(folder))."
+        )
+    return torch.amp.GradScaler(next(iter(trainable.values())).device.type)
 
 
 def _epoch_batches(accelerator, train_set, collate, config, epoch, skip):

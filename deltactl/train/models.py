@@ -47,7 +47,8 @@ class SequenceClassifier(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         states = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         h = states.last_hidden_state[:, -input_ids.shape[1] :]  # rows a controller put in front are not pooled
-        return self.head(mean_pool(h, attention_mask))
+        # The head trains with δ and, like δ, keeps its own dtype (float32) on a half-precision encoder.
+        return self.head(mean_pool(h.to(self.head.weight.dtype), attention_mask))
 
 
 class LabelWordClassifier(nn.Module):
@@ -68,7 +69,8 @@ class LabelWordClassifier(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         h = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         h = h.last_hidden_state[:, -input_ids.shape[1]:]  # rows a prompt put in front are not pooled
-        return self.scale * F.normalize(mean_pool(h, attention_mask), dim=-1) @ self.labels.T
+        h = h.to(torch.promote_types(h.dtype, torch.float32))  # cosines in float32 at least
+        return self.scale * F.normalize(mean_pool(h, attention_mask), dim=-1) @ self.labels.to(h.dtype).T
 
 
 @dataclass
