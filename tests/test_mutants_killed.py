@@ -287,3 +287,21 @@ def test_trigger_search_over_the_whole_vocabulary_finds_the_exact_minimum():
                                 iterations=1, candidates=len(vocab))
     assert int(trigger[0]) != init
     assert loss(trigger) == pytest.approx(exact[best_id], abs=1e-12)
+
+
+def test_a_combination_penalises_with_the_sum_of_its_parts():
+    """chain(a, b) and sum(a, b) of two penalised deltas (diff pruning on different sites): the combined penalty is
+    a's plus b's, each computed on its own. Rules out a total that keeps only one part's penalty."""
+    from deltactl.methods import make_example
+
+    model = tiny_bert()
+    a = make_example("diff_pruning", sites=("*.q.weight",))
+    b = make_example("diff_pruning", sites=("*.v.weight",))
+    alone = []
+    for cfg in (a, b):
+        delta = dc.attach(model, cfg)
+        alone.append(delta.controller.penalty().item())
+        delta.detach()
+    assert min(alone) > 0
+    delta = dc.attach(model, dc.chain(a, b))
+    torch.testing.assert_close(delta.controller.penalty().item(), sum(alone), atol=1e-12, rtol=0)

@@ -49,6 +49,18 @@ def test_contracts_across_shapes(shape, cfg, seed):
             p.add_(0.1)
     controlled = model(**batch).logits
     assert torch.isfinite(controlled).all() and controlled.shape == before.shape
+    assert (controlled - before).abs().max() > 1e-8  # δ ≠ 0 acts at every site pattern drawn (cross-attention too)
+    if isinstance(cfg, dc.LoRAConfig):
+        # The merged weights are W + (α/r) B A by hand, and give the unmerged outputs: a second path to the same map.
+        weights = {s.module: model.get_submodule(s.module).weight.detach().clone() for s in delta.controller.sites}
+        with torch.no_grad():
+            delta.merge()
+            for site in delta.controller.sites:
+                layer = delta.controller.layers[site.name.replace(".", "__")]
+                expected = weights[site.module] + (cfg.alpha / cfg.r) * layer.B @ layer.A
+                torch.testing.assert_close(model.get_submodule(site.module).weight, expected, atol=1e-12, rtol=0)
+            torch.testing.assert_close(model(**batch).logits, controlled, atol=1e-10, rtol=0)
+            delta.unmerge()
     delta.detach()
     assert torch.equal(model(**batch).logits, before)
     assert not any(p.requires_grad is False for p in model.parameters())

@@ -222,8 +222,29 @@ def test_d90_from_a_curve(tmp_path):
     seen = []
     early = d90_search(lambda d: seen.append(d) or d / 100, [50, 95, 99], full=1.0, stop_early=True)
     assert early.d90 == 95 and seen == [50, 95]
-    plot_d90({"DID": res, "SAID": early}, tmp_path / "f.png")
+    import matplotlib.figure
+
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):  # the figure as it is saved, so its plotted data can be read back
+        figures.append(fig)
+        return save(fig, *args, **kwargs)
+
+    matplotlib.figure.Figure.savefig = keep
+    try:
+        plot_d90({"DID": res, "SAID": early}, tmp_path / "f.png")
+    finally:
+        matplotlib.figure.Figure.savefig = save
     assert (tmp_path / "f.png").stat().st_size > 1000
+    (ax,) = figures[0].axes
+    curves = [line for line in ax.lines if len(line.get_xdata()) > 2 or line.get_marker() == "o"]
+    assert [list(c.get_xdata()) for c in curves] == [res.dims, early.dims]
+    assert [list(c.get_ydata()) for c in curves] == [res.metrics, early.metrics]
+    levels = sorted({line.get_ydata()[0] for line in ax.lines if line not in curves})
+    assert levels == pytest.approx(sorted({0.9, 1.0}))  # 90% of full training and full training
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["DID (d90=1000)", "SAID (d90=95)"]
     with pytest.raises(ValueError, match="as many"):
         d90_from_curve([1, 2], [0.1], full=1.0)
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import VOCAB, tiny_t5
 
@@ -86,3 +87,11 @@ def test_best_delta_is_the_best_evaluation(tmp_path):
     best = json.loads((tmp_path / "outcome.json").read_text())
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert best["best_metric"] == max(e["score"] for e in log) == outcome.best_metric
+    assert [e["step"] for e in log if e["score"] == outcome.best_metric] == [outcome.best_step]
+    # The kept δ, loaded onto a fresh base and scored again (a second path), reproduces the best score; the final
+    # δ does not (it was evaluated lower), so best/ is not just the last δ.
+    fresh = tiny_t5(dtype=torch.float32, dropout_rate=0.1)
+    dc.load(fresh, tmp_path / "best")
+    with torch.no_grad():
+        rescored = -fresh(**collate(synthetic_pairs()[:8])).loss.item()
+    assert rescored == pytest.approx(outcome.best_metric, abs=1e-6)
