@@ -141,7 +141,7 @@ def cmd_eval(args):
     from deltactl.train import run
 
     run.threads()
-    metrics = run.evaluate_run(args.run, args.split, data=args.data)
+    metrics = run.evaluate_run(args.run_dir, args.split, data=args.data)
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate the best δ of a run folder")
-    p.add_argument("--run", required=True, help="run folder written by deltactl train")
+    # dest run_dir: ``args.run`` is the sub-command's handler
+    p.add_argument("--run", dest="run_dir", required=True, help="run folder written by deltactl train")
     p.add_argument("--split", default="dev")
     p.add_argument("--data", help="data folder (default: $DELTACTL_DATA or ../shared/data)")
     p.set_defaults(run=cmd_eval)

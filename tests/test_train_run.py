@@ -119,3 +119,19 @@ def test_simultaneous_and_sequential_combinations(t5_folder, tmp_path):
     assert run.evaluate_run(tmp_path / "stage2", data=DATA)["accuracy"] == outcome.best_metric
     with pytest.raises(FileNotFoundError, match="no trained stage there"):
         run.build_deltas(dataclasses.replace(stage2, after=str(tmp_path / "nothing")), data=DATA)
+
+
+@needs_data
+def test_readme_eval_line_scores_a_run(t5_folder, tmp_path, monkeypatch, capsys):
+    """`deltactl train` with its default run folder, then the README's `deltactl eval --run runs/sst2-lora-seed0`."""
+    from deltactl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DELTACTL_DATA", str(DATA))
+    assert main(["train", "--method", "lora", "--task", "sst2", "--model", str(t5_folder), "--kshot-seed", "13",
+                 "--epochs", "0.25", "--batch-size", "8", "--eval-every", "1", "--max-length", "32"]) == 0
+    best = float(capsys.readouterr().out.split("best dev ")[1].split()[0])
+    assert (tmp_path / "runs" / "sst2-lora-seed0" / "best").is_dir()
+    assert main("eval --run runs/sst2-lora-seed0".split()) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("accuracy=") and float(out.split("accuracy=")[1].split()[0]) == pytest.approx(best, abs=1e-4)
