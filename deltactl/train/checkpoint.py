@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from deltactl.control.io import readable_dir, replace_dir, staging_dir
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
@@ -32,12 +32,10 @@ def _unflatten_optimizer(tensors: dict, scalars: dict) -> dict:
 
 
 def save_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, progress: dict, scaler=None) -> None:
-    """Write ``folder`` as a whole or not at all (a kill mid-write leaves the previous checkpoint); ``scaler``: the
-    loss scaler of a float16 run, whose scale is part of the state."""
+    """Write ``folder`` as a whole or not at all (a kill mid-write leaves the previous checkpoint, which the next
+    save or load recovers); ``scaler``: the loss scaler of a float16 run, whose scale is part of the state."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(folder)
     tensors = {f"param/{k}": v.detach().cpu().contiguous() for k, v in trainable.items()}
     opt_tensors, opt_scalars = _flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
@@ -50,20 +48,18 @@ def save_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, progres
     if scaler is not None:
         meta["scaler"] = scaler.state_dict()
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(folder)  # fsyncs, then swaps by renames
 
 
 def load_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, scaler=None) -> dict:
     """Restore parameters, optimizer, scheduler, loss scaler and RNG from ``folder``; returns the saved progress."""
-    folder = Path(folder)
-    if not folder.exists() and folder.with_name(folder.name + ".old").exists():
-        folder = folder.with_name(folder.name + ".old")  # killed between the two renames
+    folder = readable_dir(folder)  # checkpoint.old if a kill came between the two renames
     tensors = load_file(str(folder / "state.safetensors"))
-    meta = json.loads((folder / "state.json").read_text())
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / 'state.json'} is not valid JSON ({err}): the checkpoint is damaged; start "
+                         "the run afresh in a new --out") from None
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(tensors[f"param/{name}"])
@@ -78,5 +74,4 @@ def load_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, scaler=
 
 
 def has_checkpoint(folder: Path) -> bool:
-    folder = Path(folder)
-    return (folder / "state.json").exists() or (folder.with_name(folder.name + ".old") / "state.json").exists()
+    return (readable_dir(folder) / "state.json").exists()

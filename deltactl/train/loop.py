@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -23,6 +24,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from deltactl.control.io import recover_dir, write_atomic
 from deltactl.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -88,13 +90,14 @@ def fit(
         accelerator.print("float16 model: δ trains in float32 with dynamic loss scaling")
 
     progress = {"step": 0, "best_metric": None, "best_step": None, "bad_evals": 0, "seconds": 0.0}
+    recover_dir(out / "checkpoint")  # a kill mid-save leaves checkpoint.old / checkpoint.tmp
     if has_checkpoint(out / "checkpoint"):
         progress = load_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, scaler)
         _truncate_log(out / "log.jsonl", progress["step"])
         accelerator.print(f"resuming from step {progress['step']} of {total} ({out / 'checkpoint'})")
     else:
         torch.manual_seed(config.seed)
-        (out / "log.jsonl").write_text("")
+        write_atomic(out / "log.jsonl", "")
     started = time.perf_counter() - progress["seconds"]
 
     def checkpoint():
@@ -162,7 +165,7 @@ def fit(
     bar.close()
     seconds = time.perf_counter() - started
     outcome = Outcome(progress["best_metric"], progress["best_step"], progress["step"], status, seconds)
-    (out / "outcome.json").write_text(json.dumps(asdict(outcome), indent=1) + "\n")
+    write_atomic(out / "outcome.json", json.dumps(asdict(outcome), indent=1) + "\n")
     return outcome
 
 
@@ -203,15 +206,39 @@ def _evaluate(model, evaluate, main_metric, config, progress, loss, out, save_be
     else:
         progress["bad_evals"] += 1
     entry = {"step": progress["step"], "train_loss": loss, **metrics, "best": improved}
-    with open(out / "log.jsonl", "a") as log:
+    with open(out / "log.jsonl", "a") as log:  # a kill mid-line leaves a partial last line: _truncate_log drops it
         log.write(json.dumps(entry) + "\n")
+        log.flush()
+        os.fsync(log.fileno())
     if config.patience and progress["bad_evals"] >= config.patience:
         return "early-stopped"
     return "finished"
 
 
+def read_log(path: Path) -> list[dict]:
+    """The entries of a run's log.jsonl; a partial last line (a kill mid-write) is left out, damage elsewhere is an
+    error naming the file and line."""
+    text = Path(path).read_text()
+    lines = text.split("\n")
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or "step" not in entry:
+                raise ValueError("not an evaluation record")
+        except ValueError as err:
+            if number == len(lines):  # no newline after it: the write was cut short
+                break
+            raise ValueError(f"{path} line {number} is not a log entry ({err}): the log is damaged; start the run "
+                             "afresh in a new --out") from None
+        entries.append(entry)
+    return entries
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop evaluations logged after the checkpoint we resume from (they will be redone)."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        kept = [e for e in read_log(path) if e["step"] <= step]
+        write_atomic(path, "".join(json.dumps(e) + "\n" for e in kept))

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import deltactl as dc
+from deltactl.control.io import readable_dir, recover_dir, replace_dir, staging_dir, write_atomic
 from deltactl.tasks import get_task
 from deltactl.tasks.templates import blank_token, templated
 from deltactl.train.loop import Outcome, TrainConfig, fit
@@ -137,9 +138,9 @@ def _restore_stage(spec: RunSpec, task_model: TaskModel, backbone, data) -> None
     """Attach the deltas of the earlier stage ``spec.after`` (and of its own earlier stages), load their best
     values and the head, and freeze those deltas."""
     folder = Path(spec.after)
-    if not (folder / "best" / "trainable.safetensors").exists():
+    if not (readable_dir(folder / "best") / "trainable.safetensors").exists():
         raise FileNotFoundError(f"--after {folder}: no trained stage there (expected {folder}/best); train it first")
-    earlier = RunSpec.from_dict(json.loads((folder / "run.json").read_text()))
+    earlier = read_spec(folder)
     same = ("task", "model", "kshot_seed", "head", "template")
     if [getattr(earlier, k) for k in same] != [getattr(spec, k) for k in same]:
         raise ValueError(f"--after {folder} was trained on another task, model, split, head or template; a stage "
@@ -149,10 +150,20 @@ def _restore_stage(spec: RunSpec, task_model: TaskModel, backbone, data) -> None
     stage = [dc.attach(backbone, name, **options) for name, options in earlier.parts]
     params = dict(task_model.model.named_parameters())
     with torch.no_grad():
-        for name, value in load_file(str(folder / "best" / "trainable.safetensors")).items():
+        for name, value in load_file(str(readable_dir(folder / "best") / "trainable.safetensors")).items():
             params[name].copy_(value)
     for delta in stage:
         delta.freeze()
+
+
+def read_spec(out) -> RunSpec:
+    """The RunSpec stored in ``out/run.json``; a damaged file is an error naming it."""
+    stored = Path(out) / "run.json"
+    try:
+        return RunSpec.from_dict(json.loads(stored.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as err:
+        raise ValueError(f"{stored} is not a run record ({type(err).__name__}: {err}): the file is damaged or "
+                         "half-written; start the run afresh in a new --out") from None
 
 
 def trainable_parameters(task_model: TaskModel) -> dict[str, torch.nn.Parameter]:
@@ -181,7 +192,7 @@ def train(spec: RunSpec, out, data=None) -> Outcome:
     out = Path(out)
     stored = out / "run.json"
     if stored.exists():
-        previous = RunSpec.from_dict(json.loads(stored.read_text()))
+        previous = read_spec(out)
         if replace(previous, train=replace(previous.train, stop_after=None)) != replace(
             spec, train=replace(spec.train, stop_after=None)
         ):
@@ -190,17 +201,19 @@ def train(spec: RunSpec, out, data=None) -> Outcome:
                 "or the same settings to resume it"
             )
     out.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps(spec.to_dict(), indent=1) + "\n")
+    write_atomic(stored, json.dumps(spec.to_dict(), indent=1) + "\n")
+    recover_dir(out / "best")
     task, task_model, deltas = build_deltas(spec, data)
     trainable = trainable_parameters(task_model)
     eval_batch = max(spec.train.batch_size, 64)
 
-    def save_best(folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
+    def save_best(folder: Path):  # built in best.tmp, then swapped in: a kill leaves the previous best whole
+        tmp = staging_dir(folder)
         tensors = {n: p.detach().cpu().contiguous() for n, p in trainable.items()}
-        save_file(tensors, str(folder / "trainable.safetensors"))
+        save_file(tensors, str(tmp / "trainable.safetensors"))
         for delta in deltas:
-            delta.save(folder / ("delta" if len(deltas) == 1 else f"delta-{delta.name}"))
+            delta.save(tmp / ("delta" if len(deltas) == 1 else f"delta-{delta.name}"))
+        replace_dir(folder)
 
     def loss(model, batch):  # the task loss plus the deltas' regularisers R(δ) (diff pruning's L0 term)
         value = task_model.loss(model, batch)
@@ -217,13 +230,14 @@ def train(spec: RunSpec, out, data=None) -> Outcome:
 def evaluate_run(out, split: str = "dev", data=None) -> dict:
     """Metrics of the best δ of a finished (or interrupted) run on one split of its task."""
     out = Path(out)
-    if not (out / "best" / "trainable.safetensors").exists():
+    best = readable_dir(out / "best")
+    if not (best / "trainable.safetensors").exists():
         raise FileNotFoundError(f"{out} has no best δ yet: train it first (deltactl train ... --out {out})")
-    spec = RunSpec.from_dict(json.loads((out / "run.json").read_text()))
+    spec = read_spec(out)
     task, task_model, _ = build_deltas(spec, data)
     if split not in task.splits:
         raise ValueError(f"task {task.name} has no split {split!r}; it has {', '.join(task.splits)}")
-    tensors = load_file(str(out / "best" / "trainable.safetensors"))
+    tensors = load_file(str(best / "trainable.safetensors"))
     params = dict(task_model.model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():

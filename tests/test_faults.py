@@ -1,0 +1,194 @@
+"""Faults: a kill at every step of a save, corrupted or edited files, bad input. Nothing is lost, nothing is silent."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_t5
+from test_train_loop import collate, synthetic_pairs
+
+import deltactl as dc
+from deltactl.control import io
+from deltactl.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from deltactl.train.loop import TrainConfig, fit
+
+
+class Killed(BaseException):
+    """A simulated kill -9: not an Exception, so no cleanup code catches it."""
+
+
+def kill_after(monkeypatch, k):
+    """Make the k-th durable step of any write (1-based) the last one before the process 'dies'."""
+    seen = []
+
+    def step(what):
+        seen.append(what)
+        if len(seen) == k:
+            raise Killed(what)
+
+    monkeypatch.setattr(io, "_step", step)
+    return seen
+
+
+def lora(model, value):
+    delta = dc.attach(model, "lora", r=2)
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.fill_(value)
+    return delta
+
+
+def values(delta):
+    return {k: v.clone() for k, v in delta.controller.state_dict().items()}
+
+
+# --- atomic δ saves -------------------------------------------------------------------------------------------
+
+
+def test_a_kill_at_every_step_of_a_delta_save_leaves_the_old_or_the_new_delta(tmp_path, monkeypatch):
+    model = tiny_t5()
+    old, new, later = lora(model, 0.25), lora(model, 0.5), lora(model, 0.75)
+    expected = {"old": values(old), "new": values(new)}
+    old.save(tmp_path / "clean")
+    k = 0
+    while True:
+        k += 1
+        folder = tmp_path / f"k{k}"
+        shutil.copytree(tmp_path / "clean", folder)
+        seen = kill_after(monkeypatch, k)
+        try:
+            new.save(folder)
+            killed = False
+        except Killed:
+            killed = True
+        monkeypatch.setattr(io, "_step", lambda what: None)
+        loaded = dc.load(model, folder, name="check")
+        got = values(loaded)
+        loaded.detach()
+        which = [w for w, v in expected.items() if all(torch.equal(got[n], v[n]) for n in v)]
+        assert len(which) == 1, f"after step {k} ({seen[-1]}) the δ is neither the old nor the new one"
+        if "replaced delta.json.new" in seen:  # past the commit point, the new δ wins
+            assert which == ["new"]
+        later.save(folder)  # the next save recovers whatever the kill left
+        assert sorted(p.name for p in folder.iterdir()) == ["delta.json", "delta.safetensors"]
+        reloaded = dc.load(model, folder, name="check")
+        assert all(torch.equal(v, values(later)[n]) for n, v in values(reloaded).items())
+        reloaded.detach()
+        if not killed:
+            break
+    assert k >= 4  # two files written, each a temp write + a rename, then the commit
+
+
+def test_flipped_byte_or_edited_json_is_refused_naming_the_file(tmp_path):
+    model = tiny_t5()
+    delta = lora(model, 0.5)
+    delta.save(tmp_path)
+    delta.detach()
+    tensors = tmp_path / "delta.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor's bytes
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{tensors}.*does not match the content hash"):
+        dc.load(model, tmp_path)
+    assert dc.deltas(model) == {}  # the refused δ left nothing attached
+    dc.load(model, tmp_path, verify=False).detach()  # the escape for deliberate edits
+    data[-3] ^= 0x01
+    tensors.write_bytes(bytes(data))
+    config = tmp_path / "delta.json"
+    meta = json.loads(config.read_text())
+    meta["config"]["alpha"] = 4.0
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"{config} was changed after it was saved"):
+        dc.load(model, tmp_path)
+    assert dc.load(model, tmp_path, verify=False).config.alpha == 4.0
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(ValueError, match=rf"{config} is not valid JSON"):
+        dc.load(model, tmp_path)
+
+
+# --- atomic checkpoints and run folders ------------------------------------------------------------------------
+
+
+def _state(value):
+    param = torch.nn.Parameter(torch.full((3,), float(value)))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return {"w": param}, optimizer, scheduler
+
+
+def test_a_kill_at_every_step_of_a_checkpoint_leaves_one_that_loads(tmp_path, monkeypatch):
+    k = 0
+    while True:
+        k += 1
+        folder = tmp_path / f"k{k}" / "checkpoint"
+        save_checkpoint(folder, *_state(1), {"step": 1})
+        kill_after(monkeypatch, k)
+        try:
+            save_checkpoint(folder, *_state(2), {"step": 2})
+            killed = False
+        except Killed:
+            killed = True
+        monkeypatch.setattr(io, "_step", lambda what: None)
+        assert has_checkpoint(folder)
+        trainable, optimizer, scheduler = _state(0)
+        progress = load_checkpoint(folder, trainable, optimizer, scheduler)
+        assert trainable["w"].tolist() == [float(progress["step"])] * 3  # whole: the old one or the new one
+        save_checkpoint(folder, *_state(3), {"step": 3})  # the next save recovers (it crashed here before)
+        assert sorted(p.name for p in folder.parent.iterdir()) == ["checkpoint"]
+        assert load_checkpoint(folder, *_state(0)) == {"step": 3}
+        if not killed:
+            break
+    assert k >= 3
+
+
+def test_a_half_removed_checkpoint_old_does_not_block_the_next_save(tmp_path):
+    """The state of issue 20: killed after the swap, while checkpoint.old was being removed."""
+    folder = tmp_path / "checkpoint"
+    save_checkpoint(folder, *_state(1), {"step": 1})
+    shutil.copytree(folder, tmp_path / "checkpoint.old")
+    (tmp_path / "checkpoint.old" / "state.json").unlink()
+    save_checkpoint(folder, *_state(2), {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert load_checkpoint(folder, *_state(0)) == {"step": 2}
+
+
+def _fit(out, config):
+    torch.manual_seed(0)
+    model = tiny_t5(dtype=torch.float32, dropout_rate=0.1)
+    delta = dc.attach(model, "lora", r=2, dropout=0.1)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    data = synthetic_pairs(12)
+
+    def evaluate():
+        with torch.no_grad():
+            return {"score": -model(**collate(data[:4])).loss.item()}
+
+    outcome = fit(model, trainable, data, collate, lambda m, b: m(**b).loss, evaluate, "score", config, out,
+                  save_best=lambda folder: delta.save(folder))
+    return outcome, {n: p.detach().clone() for n, p in trainable.items()}
+
+
+def test_a_kill_at_every_step_of_training_writes_resumes_to_the_same_delta(tmp_path, monkeypatch):
+    config = TrainConfig(lr=1e-2, epochs=1.0, batch_size=4, eval_every=2, seed=3)  # 3 steps, evaluations at 2, 3
+    whole, expected = _fit(tmp_path / "whole", config)
+    k = 0
+    while True:
+        k += 1
+        out = tmp_path / f"k{k}"
+        kill_after(monkeypatch, k)
+        try:
+            _fit(out, config)
+            killed = False
+        except Killed:
+            killed = True
+        monkeypatch.setattr(io, "_step", lambda what: None)
+        outcome, resumed = _fit(out, config)
+        assert outcome.steps == whole.steps and outcome.best_step == whole.best_step
+        assert all(torch.equal(resumed[n], expected[n]) for n in expected), f"kill after step {k}"
+        assert (out / "log.jsonl").read_text() == (tmp_path / "whole" / "log.jsonl").read_text()
+        best = dc.load(tiny_t5(dtype=torch.float32, dropout_rate=0.1), out / "best")
+        assert best.num_parameters() > 0
+        if not killed:
+            break
+    assert k > 10
