@@ -44,10 +44,11 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 
 def method_spec(spec: str):
+    from deltactl.control.attach import check_options
     from deltactl.methods import make_config
 
     name, options = parse_method(spec)
-    return make_config(name, **options)
+    return check_options(make_config(name, **options))
 
 
 def load_model(shape: str | None, path: str | None, device: str = "cpu"):
@@ -55,6 +56,12 @@ def load_model(shape: str | None, path: str | None, device: str = "cpu"):
     from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 
     if path:
+        from pathlib import Path
+
+        if not (Path(path) / "config.json").is_file():
+            what = "has no config.json" if Path(path).is_dir() else "is not a folder"
+            raise FileNotFoundError(f"--model {path}: {what}; give a local checkpoint folder (config.json + weights), "
+                                    f"or --shape NAME for a random-init T5 ({', '.join(SHAPES)})")
         config = AutoConfig.from_pretrained(path, local_files_only=True, attn_implementation="eager")
         cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModel
         if device == "meta":  # sizes only: the architecture without its weights

@@ -192,3 +192,112 @@ def test_a_kill_at_every_step_of_training_writes_resumes_to_the_same_delta(tmp_p
         if not killed:
             break
     assert k > 10
+
+
+# --- bad input: one line naming the option, the value and what is allowed; nothing written ------------------------
+
+try:
+    from deltactl.tasks import data_dir
+
+    DATA = str(data_dir())
+except FileNotFoundError:
+    DATA = None
+
+BAD_TRAIN = [  # (extra argv, expected error text)
+    (["--lr", "-0.1"], "--lr -0.1: must be a finite number > 0"),
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+    (["--method", "lora:r=0"], "LoRA rank r must be ≥ 1, got 0"),
+    (["--method", "lora:r=eight"], "lora option r='eight': must be a whole number"),
+    (["--method", "lora:r=2.5"], "lora option r=2.5: must be a whole number"),
+    (["--batch-size", "0"], "--batch-size 0: must be a whole number ≥ 1"),
+    (["--eval-every", "0"], "--eval-every 0: must be a whole number ≥ 1"),
+    (["--epochs", "0"], "--epochs 0.0: must be a number > 0"),
+    (["--patience", "-1"], "--patience -1: must be a whole number ≥ 0"),
+    (["--max-length", "0"], "--max-length 0: must be a whole number ≥ 1"),
+    (["--stop-after", "0"], "--stop-after 0: must be a whole number ≥ 1"),
+    (["--method", "lora:sites=*.nothing"], "pattern '*.nothing'"),
+    (["--method", "prompt:length=0"], "the delta has 0 trainable parameters"),
+    (["--task", "sst3"], "unknown task 'sst3'"),
+]
+
+
+def _disk(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size if p.is_file() else -1) for p in folder.rglob("*"))
+
+
+@pytest.mark.skipif(DATA is None, reason="the benchmark data folder (../shared/data) is absent")
+@pytest.mark.parametrize("extra, message", BAD_TRAIN, ids=[" ".join(a) for a, _ in BAD_TRAIN])
+def test_bad_train_option_is_one_line_and_writes_nothing(extra, message, t5_folder, tmp_path, monkeypatch, capsys):
+    from deltactl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    before = _disk(tmp_path)
+    argv = ["train", "--method", "lora", "--task", "sst2", "--model", str(t5_folder), "--kshot-seed", "13",
+            "--data", DATA, "--out", str(tmp_path / "run"), "--epochs", "0.25", *extra]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deltactl ")]
+    assert len(errors) == 1 and message in errors[0], errors  # one line (loading progress bars aside)
+    assert _disk(tmp_path) == before  # no run folder, no run.json
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "--model", "/nonexistent"], "--model /nonexistent: is not a folder"),
+    (["count", "--model", "/nonexistent"], "--model /nonexistent: is not a folder"),
+    (["inspect", "--shape", "t5-tiny", "--method", "lora:dropout=high"],
+     "lora option dropout='high': must be a number"),
+])
+def test_bad_inspect_input_is_one_line(argv, message, capsys):
+    from deltactl.cli import main
+
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deltactl ")]
+    assert len(errors) == 1 and message in errors[0], errors  # one line (loading progress bars aside)
+
+
+def test_sites_matching_nothing_is_an_error():
+    model = tiny_t5()
+    with pytest.raises(ValueError, match=r"lora with sites=\(\) acts on no site \(0 trainable parameters\)"):
+        dc.attach(model, "lora", sites=())
+    assert dc.deltas(model) == {}
+
+
+# --- attach is all or nothing -----------------------------------------------------------------------------------
+
+
+def _snapshot(model):
+    return ([(n, p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()],
+            [(n, type(m).__name__, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()])
+
+
+def _same(a, b):
+    (pa, ma), (pb, mb) = a, b
+    return ma == mb and [(n, g) for n, g, _ in pa] == [(n, g) for n, g, _ in pb] and all(
+        torch.equal(x, y) for (_, _, x), (_, _, y) in zip(pa, pb))
+
+
+@pytest.mark.parametrize("already", [False, True], ids=["bare", "with-a-delta"])
+def test_a_failing_attach_leaves_the_model_as_it_was(already, monkeypatch):
+    model = tiny_t5()
+    if already:
+        dc.attach(model, "bitfit")
+    before = _snapshot(model)
+    for bad in (dict(r="eight"), dict(r=2.5), dict(r=0), dict(sites=("*.q", "*.nothing")), dict(sites=())):
+        with pytest.raises(ValueError):
+            dc.attach(model, "lora", **bad)
+        assert _same(_snapshot(model), before), bad
+    from deltactl.control import attach as attach_module
+
+    calls = {"n": 0}
+    real_hook = type(attach_module.backbone_for(model)).hook
+
+    def hook(self, site, law):  # the third site's hook fails
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("hook failed on the third site")
+        return real_hook(self, site, law)
+
+    monkeypatch.setattr(type(attach_module.backbone_for(model)), "hook", hook)
+    with pytest.raises(RuntimeError, match="third site"):
+        dc.attach(model, "lora", r=2)
+    assert _same(_snapshot(model), before)
+    assert list(dc.deltas(model)) == (["bitfit"] if already else [])

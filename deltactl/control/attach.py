@@ -13,6 +13,50 @@ from deltactl.methods import registry
 ROOT = "deltactl"  # the attribute of the model under which attached controllers live
 
 
+def check_options(config):
+    """Refuse option values of the wrong type (``r='eight'``, ``r=2.5``), naming the option, the value and the
+    type the method takes; returns ``config``."""
+    import dataclasses
+    import typing
+
+    if isinstance(config, Combination):
+        for part in config.parts:
+            check_options(part)
+        return config
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), hints.get(f.name)
+        allowed = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, __import__("types").UnionType) \
+            else (kind,)
+        if any(_fits(value, k) for k in allowed):
+            continue
+        names = " or ".join(_TYPE_NAMES.get(k, getattr(k, "__name__", str(k))) for k in allowed)
+        raise ValueError(f"{config.method} option {f.name}={value!r}: must be {names}")
+    return config
+
+
+_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "a name",
+               type(None): "unset"}
+
+
+def _fits(value, kind) -> bool:
+    import typing
+
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is type(None):
+        return value is None
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        inner = [a for a in typing.get_args(kind) if a is not Ellipsis]
+        return isinstance(value, tuple) and all(any(_fits(v, k) for k in inner) for v in value)
+    if isinstance(kind, type):
+        return isinstance(value, kind)
+    return True  # an annotation this check does not know: left to the method
+
+
 def build(config, backbone) -> Controller:
     """The controller a config (or a chain/sum of configs) describes, on this backbone's sites."""
     if isinstance(config, Combination):
@@ -149,31 +193,57 @@ def attach(model: nn.Module, config, *, name: str | None = None, dtype: torch.dt
         config = registry.make_config(config, **options)
     elif options:
         raise TypeError("options go with a method name; pass a config object or a name, not both")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"δ's dtype must be a floating-point dtype, got {dtype}")
+    check_options(config)
+    # Everything that can fail without touching the model comes first: building δ, its size, its name.
     backbone = backbone_for(model)
     controller = build(config, backbone)
+    if not list(getattr(controller, "sites", [None])):
+        raise ValueError(f"{config.method} with sites={tuple(getattr(config, 'sites', ()))!r} acts on no site (0 "
+                         "trainable parameters): give site patterns that match at least one site it acts on")
+    root = model._modules.get(ROOT)
+    name = name or _free_name(root if root is not None else {}, config.method)
+    if root is not None and name in root:
+        raise ValueError(f"a delta named {name!r} is already attached; pick another name or detach it first")
+    if "." in name or not name:
+        raise ValueError(f"delta name {name!r} must be non-empty and without dots (it names a module)")
     reference = next(p for p in _base_parameters(model) if p.is_floating_point())
-    if dtype is not None and not dtype.is_floating_point:
-        raise TypeError(f"δ's dtype must be a floating-point dtype, got {dtype}")
     controller.to(device=reference.device, dtype=dtype or delta_dtype(reference.dtype))
     controller.train(model.training)  # a model in eval mode gets an eval-mode controller (dropout, gates)
 
-    root = model._modules.get(ROOT)
-    if root is None:
+    created = root is None
+    if created:
         base = list(_base_parameters(model))
         root = nn.ModuleDict()
         root.base_requires_grad = [p.requires_grad for p in base]  # restored when the last delta leaves
         root.handles = {}  # name -> Delta, in attachment order
-        for p in base:
-            p.requires_grad_(False)
-        model.add_module(ROOT, root)
-    name = name or _free_name(root, config.method)
-    if name in root:
-        raise ValueError(f"a delta named {name!r} is already attached; pick another name or detach it first")
-    if "." in name or not name:
-        raise ValueError(f"delta name {name!r} must be non-empty and without dots (it names a module)")
-    root[name] = controller
-    delta = root.handles[name] = Delta(model, backbone, controller, name)
-    _reinstall(model, delta)
+    delta = Delta(model, backbone, controller, name)
+    try:  # all or nothing: a failure below leaves the model as it was
+        if created:
+            for p in base:
+                p.requires_grad_(False)
+            model.add_module(ROOT, root)
+        root[name] = controller
+        root.handles[name] = delta
+        _reinstall(model, delta)
+    except BaseException:
+        for d in deltas(model).values():
+            for handle in reversed(d._handles or []):
+                handle.remove()
+            if d._handles is not None:
+                d._handles = []
+        root.handles.pop(name, None)
+        if name in root:
+            del root[name]
+        if created:
+            for p, flag in zip(base, root.base_requires_grad):
+                p.requires_grad_(flag)
+            if model._modules.get(ROOT) is root:
+                delattr(model, ROOT)
+        else:
+            _reinstall(model)  # the other deltas' laws, as before
+        raise
     return delta
 
 
@@ -249,7 +319,8 @@ def _reinstall(model, *touched: Delta) -> None:
         delta._handles = []
     for delta in attached.values():
         if delta.active and not delta.merged:
-            delta._handles = [delta.backbone.hook(site, law) for site, law in delta.controller.controls()]
+            for site, law in delta.controller.controls():  # one at a time: a failure leaves removable handles
+                delta._handles.append(delta.backbone.hook(site, law))
     for delta in touched:  # only these: a user may have frozen parts of another delta by hand
         trains = delta.active and not delta.frozen and not delta.merged
         for p in delta.controller.parameters():

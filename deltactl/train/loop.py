@@ -43,6 +43,34 @@ class TrainConfig:
     seed: int = 0
     stop_after: int | None = None  # halt after this many steps, leaving a checkpoint to resume from
 
+    def __post_init__(self):
+        """Refuse values that cannot train, naming the option, the value and what is allowed."""
+        def bad(name, allowed):
+            value = getattr(self, name)
+            return ValueError(f"--{name.replace('_', '-')} {value!r}: must be {allowed}")
+
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        if not (number(self.lr) and self.lr > 0):
+            raise bad("lr", "a finite number > 0 (e.g. 1e-3)")
+        if not (number(self.epochs) and self.epochs > 0):
+            raise bad("epochs", "a number > 0 (fractions train part of an epoch, e.g. 0.5)")
+        for name in ("batch_size", "eval_every"):
+            if not (whole(getattr(self, name)) and getattr(self, name) >= 1):
+                raise bad(name, "a whole number ≥ 1")
+        if not (whole(self.patience) and self.patience >= 0):
+            raise bad("patience", "a whole number ≥ 0 (0: never stop early)")
+        if self.stop_after is not None and not (whole(self.stop_after) and self.stop_after >= 1):
+            raise bad("stop_after", "a whole number ≥ 1 (or unset)")
+        if not (number(self.warmup) and 0 <= self.warmup < 1):
+            raise bad("warmup", "a share of the steps in [0, 1)")
+        if not (number(self.weight_decay) and self.weight_decay >= 0):
+            raise bad("weight_decay", "a number ≥ 0")
+        if not (number(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise bad("max_grad_norm", "a number ≥ 0 (0: no clipping)")
+        if not whole(self.seed):
+            raise bad("seed", "a whole number")
+
 
 @dataclass
 class Outcome:

@@ -61,6 +61,8 @@ class RunSpec:
     template: bool = False
 
     def __post_init__(self):
+        if not (isinstance(self.max_length, int) and self.max_length >= 1):
+            raise ValueError(f"--max-length {self.max_length!r}: must be a whole number ≥ 1 (tokens per input)")
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; heads: {', '.join(HEADS)}")
         if self.predict not in PREDICTIONS:
@@ -131,6 +133,10 @@ def build_deltas(spec: RunSpec, data=None):
     if spec.method == FULL_FINE_TUNING:
         return task, task_model, []
     deltas = [dc.attach(backbone, name, **options) for name, options in spec.parts]
+    for delta in deltas:
+        if not delta.num_parameters():
+            raise ValueError(f"--method {delta.name} with options {spec.parts[deltas.index(delta)][1]}: the delta has "
+                             "0 trainable parameters, so nothing would train; choose sites or sizes that give it some")
     return task, task_model, deltas
 
 
@@ -200,11 +206,12 @@ def train(spec: RunSpec, out, data=None) -> Outcome:
                 f"{out} holds a run with other settings ({stored}); pass a new --out to start another run, "
                 "or the same settings to resume it"
             )
+    # Everything that can reject the spec (task, model, method options, sites) runs before anything is written.
+    task, task_model, deltas = build_deltas(spec, data)
+    trainable = trainable_parameters(task_model)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(stored, json.dumps(spec.to_dict(), indent=1) + "\n")
     recover_dir(out / "best")
-    task, task_model, deltas = build_deltas(spec, data)
-    trainable = trainable_parameters(task_model)
     eval_batch = max(spec.train.batch_size, 64)
 
     def save_best(folder: Path):  # built in best.tmp, then swapped in: a kill leaves the previous best whole
