@@ -111,7 +111,7 @@ def cmd_count(args):
         print(f"{name:<18}{n:>14,}{pct:>11.3f}{paper_text:>9}  {config}")
 
 
-def cmd_train(args):
+def cmd_train(args) -> int:
     from deltactl.train import run
 
     parts = [parse_method(part) for part in args.method.split("+")]
@@ -142,6 +142,11 @@ def cmd_train(args):
         f"best dev {outcome.best_metric:.4f} at step {outcome.best_step}; run folder {out}"
         if outcome.best_metric is not None else f"{outcome.status}: no evaluation ran; run folder {out}"
     )
+    if outcome.status == "diverged":
+        print(f"deltactl train: training diverged at step {outcome.steps + 1} (see the message above); the run did "
+              "not finish", file=sys.stderr)
+        return 3
+    return 0
 
 
 def cmd_eval(args):
@@ -226,11 +231,11 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        code = args.run(args)
     except (ValueError, TypeError, FileNotFoundError, MissingSplitError) as err:
         print(f"deltactl {args.command}: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

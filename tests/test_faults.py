@@ -301,3 +301,48 @@ def test_a_failing_attach_leaves_the_model_as_it_was(already, monkeypatch):
         dc.attach(model, "lora", r=2)
     assert _same(_snapshot(model), before)
     assert list(dc.deltas(model)) == (["bitfit"] if already else [])
+
+
+# --- divergence -------------------------------------------------------------------------------------------------
+
+
+def test_a_loss_blow_up_stops_training_and_keeps_the_best(tmp_path, capsys):
+    from test_train_loop import CONFIG, run
+
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss = model(**batch).loss
+        return loss * 1000 if calls["n"] == 12 else loss  # finite, but 1000× the usual
+
+    outcome, _ = run(tmp_path, CONFIG, loss_fn=loss_fn)
+    assert outcome.status == "diverged" and outcome.steps == 11 and outcome.best_step == 8
+    assert "the training loss jumped to" in capsys.readouterr().out
+    assert dc.load(tiny_t5(dtype=torch.float32, dropout_rate=0.1), tmp_path / "best").num_parameters() > 0
+
+
+@pytest.mark.skipif(DATA is None, reason="the benchmark data folder (../shared/data) is absent")
+def test_a_diverged_run_exits_non_zero(t5_folder, tmp_path, capsys, monkeypatch):
+    from deltactl.cli import main
+    from deltactl.train import run
+
+    real_fit = run.fit
+
+    def fit_going_nan(model, trainable, train_set, collate, loss_fn, *rest):  # the loss is NaN from step 6 on
+        calls = {"n": 0}
+
+        def nan_loss(model, batch):
+            calls["n"] += 1
+            return loss_fn(model, batch) * (float("nan") if calls["n"] >= 6 else 1.0)
+
+        return real_fit(model, trainable, train_set, collate, nan_loss, *rest)
+
+    monkeypatch.setattr(run, "fit", fit_going_nan)
+    argv = ["train", "--method", "lora:r=4", "--task", "sst2", "--model", str(t5_folder), "--kshot-seed", "13",
+            "--data", DATA, "--out", str(tmp_path / "run"), "--epochs", "3", "--batch-size", "4", "--eval-every", "4",
+            "--max-length", "32"]
+    assert main(argv) == 3
+    captured = capsys.readouterr()
+    assert "training loss became nan at step 6" in captured.out and "\ndiverged: lora" in captured.out
+    assert "deltactl train: training diverged" in captured.err

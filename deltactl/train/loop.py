@@ -133,6 +133,7 @@ def fit(
         save_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, progress, scaler)
 
     status = "finished"
+    recent: list[float] = []  # the last losses, for the blow-up check (not checkpointed: refilled after a resume)
     bar = tqdm(
         total=total, initial=progress["step"], desc="train", disable=not accelerator.is_main_process,
         mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
@@ -143,7 +144,9 @@ def fit(
             model.train()
             loss = loss_fn(model, batch)
             too_small = scaler is not None and scaler.get_scale() < 1
-            if not torch.isfinite(loss) or too_small:
+            value = loss.item()
+            blown = math.isfinite(value) and len(recent) >= BLOW_UP_WINDOW // 2 and value > BLOW_UP * _median(recent)
+            if not math.isfinite(value) or too_small or blown:
                 status = "diverged"
                 kept = (
                     f"the best δ so far (step {progress['best_step']}) is kept in {out / 'best'}"
@@ -151,7 +154,9 @@ def fit(
                 )
                 what = (
                     f"the gradients overflowed float16 even without loss scaling (scale {scaler.get_scale():g})"
-                    if too_small else f"the training loss became {loss.item()}"
+                    if too_small else
+                    f"the training loss jumped to {value:.4g}, over {BLOW_UP}× the median {_median(recent):.4g} of the "
+                    f"last {len(recent)} steps" if blown else f"the training loss became {value}"
                 )
                 advice = (
                     "The model computes in float16, whose range ends at 65504, and its forward or backward pass "
@@ -177,6 +182,7 @@ def fit(
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)`")
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            recent = (recent + [value])[-BLOW_UP_WINDOW:]
             progress["step"] += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
@@ -195,6 +201,14 @@ def fit(
     outcome = Outcome(progress["best_metric"], progress["best_step"], progress["step"], status, seconds)
     write_atomic(out / "outcome.json", json.dumps(asdict(outcome), indent=1) + "\n")
     return outcome
+
+
+BLOW_UP, BLOW_UP_WINDOW = 10, 20  # a loss over 10× the median of the last (at least 10 of) 20 steps: diverged
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 def _loss_scaler(model, trainable) -> torch.amp.GradScaler | None:
