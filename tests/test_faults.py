@@ -346,3 +346,23 @@ def test_a_diverged_run_exits_non_zero(t5_folder, tmp_path, capsys, monkeypatch)
     captured = capsys.readouterr()
     assert "training loss became nan at step 6" in captured.out and "\ndiverged: lora" in captured.out
     assert "deltactl train: training diverged" in captured.err
+
+
+# --- half-written run files -------------------------------------------------------------------------------------
+
+
+def test_half_written_run_files_name_the_file(tmp_path):
+    from deltactl.train import run
+    from deltactl.train.loop import _truncate_log, read_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 2, "score": 1.0}\n{"step": 4, "sco')  # killed mid-line: the partial entry is dropped
+    assert read_log(log) == [{"step": 2, "score": 1.0}]
+    _truncate_log(log, 4)
+    assert log.read_text() == '{"step": 2, "score": 1.0}\n'
+    log.write_text('{"step": 2, "sco\n{"step": 4, "score": 1.0}\n')
+    with pytest.raises(ValueError, match=rf"{log} line 1 is not a log entry"):
+        read_log(log)
+    (tmp_path / "run.json").write_text('{"method": "lora", "task"')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'run.json'} is not a run record"):
+        run.read_spec(tmp_path)
