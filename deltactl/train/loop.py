@@ -163,7 +163,7 @@ def fit(
                     "overflowed; loss scaling cannot prevent that. Train the base in bfloat16 or float32 instead "
                     "(save the checkpoint in that dtype, e.g. model.to(torch.bfloat16).save_pretrained(folder)), or "
                     "lower the learning rate (--lr), and rerun with a new --out."
-                    if scaler is not None else
+                    if scaler is not None and not blown else
                     "Lower the learning rate (--lr) or the warm-up share and rerun with a new --out."
                 )
                 accelerator.print(f"stopping: {what} at step {progress['step'] + 1}; {kept}. {advice}")
