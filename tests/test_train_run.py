@@ -135,3 +135,86 @@ def test_readme_eval_line_scores_a_run(t5_folder, tmp_path, monkeypatch, capsys)
     assert main("eval --run runs/sst2-lora-seed0".split()) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("accuracy=") and float(out.split("accuracy=")[1].split()[0]) == pytest.approx(best, abs=1e-4)
+
+
+def _copy_inputs(t5_folder, tmp_path):
+    """A private copy of the SST-2 16-shot split (seed 13) and of the tiny T5, to change under a run."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(DATA) / "kshot" / "SST-2" / "16-13", data / "kshot" / "SST-2" / "16-13")
+    model = tmp_path / "model"
+    shutil.copytree(t5_folder, model)
+    return data, model
+
+
+def _change_base(model):
+    from transformers import T5ForConditionalGeneration
+
+    base = T5ForConditionalGeneration.from_pretrained(model)
+    with torch.no_grad():
+        next(base.parameters()).add_(0.01)
+    base.save_pretrained(model)
+
+
+@needs_data
+def test_resume_refuses_changed_data_or_base_model_and_fresh_starts_anew(t5_folder, tmp_path, capsys):
+    from deltactl.cli import main
+
+    data, model = _copy_inputs(t5_folder, tmp_path)
+    out = tmp_path / "run"
+    lora = spec("lora", model, epochs=0.25)
+    run.train(lora, out, data=data)
+    recorded = json.loads((out / "run.json").read_text())["inputs"]
+    assert set(recorded["data"]) == {f"kshot/SST-2/16-13/{s}.tsv" for s in ("train", "dev", "test")}
+    assert recorded["base"]["model_type"] == "t5" and len(recorded["base"]["sha256"]) == 64
+
+    def disk():
+        return sorted((str(p.relative_to(tmp_path)), p.read_bytes() if p.is_file() else None)
+                      for p in tmp_path.rglob("*") if p.parent != model)
+
+    train_file = data / "kshot" / "SST-2" / "16-13" / "train.tsv"
+    original = train_file.read_bytes()
+    lines = original.decode().split("\n")
+    train_file.write_text("\n".join([lines[0], "a " + lines[1], *lines[2:]]))
+    before = disk()
+    with pytest.raises(ValueError, match=rf"started on other data: data file {train_file} has changed since the run "
+                                         r"began .*run\.json\); rerun with --fresh to start the run anew"):
+        run.train(lora, out, data=data)
+    assert disk() == before  # nothing written
+    train_file.write_bytes(original)
+    assert run.train(lora, out, data=data).status == "finished"  # the same data again: it resumes
+
+    _change_base(model)
+    before = disk()
+    with pytest.raises(ValueError, match=rf"started on another base model: the weights of {model} differ"):
+        run.train(lora, out, data=data)
+    argv = ["train", "--method", "lora", "--task", "sst2", "--model", str(model), "--kshot-seed", "13",
+            "--data", str(data), "--out", str(out), "--epochs", "0.25", "--batch-size", "8", "--eval-every", "2",
+            "--lr", "0.01", "--max-length", "32"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deltactl ")]
+    assert len(errors) == 1 and "another base model" in errors[0] and "--fresh" in errors[0], errors
+    assert disk() == before
+
+    assert main([*argv, "--fresh"]) == 0  # the old run moves aside, whole
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and json.loads((aside[0] / "run.json").read_text())["inputs"] == recorded
+    assert (aside[0] / "best").is_dir() and (aside[0] / "log.jsonl").is_file()
+    assert f"the earlier run folder is now {aside[0]}" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["inputs"]["base"] != recorded["base"]
+
+
+@needs_data
+def test_a_run_recorded_without_input_hashes_still_resumes(t5_folder, tmp_path):
+    data, model = _copy_inputs(t5_folder, tmp_path)
+    out = tmp_path / "run"
+    lora = spec("lora", model, epochs=0.25)
+    run.train(lora, out, data=data)
+    record = json.loads((out / "run.json").read_text())
+    del record["inputs"]
+    (out / "run.json").write_text(json.dumps(record))  # as runs were written before the hashes were recorded
+    _change_base(model)
+    assert run.train(lora, out, data=data).status == "finished"
+    assert "inputs" in json.loads((out / "run.json").read_text())  # recorded from now on

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import deltactl as dc
-from deltactl.control.io import readable_dir, recover_dir, replace_dir, staging_dir, write_atomic
+from deltactl.control.io import _base_fingerprint, readable_dir, recover_dir, replace_dir, staging_dir, write_atomic
 from deltactl.tasks import get_task
 from deltactl.tasks.templates import blank_token, templated
 from deltactl.train.loop import Outcome, TrainConfig, fit
@@ -81,7 +83,8 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunSpec":
-        return cls(**{**data, "train": TrainConfig(**data["train"])})
+        fields = {k: v for k, v in data.items() if k != "inputs"}  # run.json's record of the data and base model
+        return cls(**{**fields, "train": TrainConfig(**fields["train"])})
 
 
 def default_model_path() -> str:
@@ -100,6 +103,12 @@ def build(spec: RunSpec, data=None):
 
 def build_deltas(spec: RunSpec, data=None):
     """(task, task model, deltas this run trains) for a spec; the backbone is frozen except δ and the head."""
+    task, task_model, deltas, _ = _build(spec, data)
+    return task, task_model, deltas
+
+
+def _build(spec: RunSpec, data=None):
+    """``build_deltas`` and the backbone (the base model the deltas act on)."""
     from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
     if spec.method == FULL_FINE_TUNING and (spec.method_options or spec.after):
@@ -131,13 +140,13 @@ def build_deltas(spec: RunSpec, data=None):
     if spec.after:
         _restore_stage(spec, task_model, backbone, data)
     if spec.method == FULL_FINE_TUNING:
-        return task, task_model, []
+        return task, task_model, [], backbone
     deltas = [dc.attach(backbone, name, **options) for name, options in spec.parts]
     for delta in deltas:
         if not delta.num_parameters():
             raise ValueError(f"--method {delta.name} with options {spec.parts[deltas.index(delta)][1]}: the delta has "
                              "0 trainable parameters, so nothing would train; choose sites or sizes that give it some")
-    return task, task_model, deltas
+    return task, task_model, deltas, backbone
 
 
 def _restore_stage(spec: RunSpec, task_model: TaskModel, backbone, data) -> None:
@@ -172,6 +181,60 @@ def read_spec(out) -> RunSpec:
                          "half-written; start the run afresh in a new --out") from None
 
 
+def data_files(spec: RunSpec, data=None) -> dict[str, Path]:
+    """The split files of the run's task, by their path inside the data folder (those that exist)."""
+    from deltactl.tasks.registry import SPECS, data_dir, resolve_name
+
+    task = SPECS[resolve_name(spec.task)]
+    root = data_dir(data)
+    if spec.kshot_seed is not None:
+        folder = root / "kshot" / task.folder / f"16-{spec.kshot_seed}"
+        paths = [folder / task.kshot_files.get(s, f"{s}.{task.kshot.ext}") for s in ("train", "dev", "test")]
+    else:
+        folder = root / ("topic" if task.topic else "full") / task.folder
+        paths = [folder / f"{s}.json" for s in ("train", "dev", "test")]
+    return {path.relative_to(root).as_posix(): path for path in paths if path.is_file()}
+
+
+def run_inputs(spec: RunSpec, backbone, data=None) -> dict:
+    """What a run reads besides its options: the SHA-256 of each data file and the base model's fingerprint."""
+    hashes = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in data_files(spec, data).items()}
+    return {"data": hashes, "base": _base_fingerprint(backbone)}
+
+
+FRESH_HINT = "rerun with --fresh to start the run anew (the old folder is kept beside it), or pass a new --out"
+
+
+def check_inputs(out: Path, stored: dict | None, now: dict, spec: RunSpec, data=None) -> None:
+    """Refuse to resume a run whose data files or base model changed since it started (``stored``: run.json's
+    ``inputs``; runs recorded without one resume unchecked)."""
+    if not stored:
+        return
+    files = data_files(spec, data)
+    for name in sorted(set(stored.get("data", {})) | set(now["data"])):
+        before, after = stored.get("data", {}).get(name), now["data"].get(name)
+        if before != after:
+            where = files[name] if name in files else name
+            what = "is new" if before is None else "is gone" if after is None else "has changed"
+            raise ValueError(f"{out} was started on other data: data file {where} {what} since the run began "
+                             f"({out / 'run.json'}); {FRESH_HINT}")
+    if "base" in stored and stored["base"] != now["base"]:
+        model = spec.model or default_model_path()
+        raise ValueError(f"{out} was started on another base model: the weights of {model} differ from those the "
+                         f"run began with ({out / 'run.json'}); {FRESH_HINT}")
+
+
+def move_aside(out: Path) -> Path:
+    """Rename the run folder ``out`` to ``out.old-TIMESTAMP`` (nothing is deleted); the new name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = out.with_name(f"{out.name}.old-{stamp}"), 1
+    while aside.exists():
+        n += 1
+        aside = out.with_name(f"{out.name}.old-{stamp}-{n}")
+    os.rename(out, aside)
+    return aside
+
+
 def trainable_parameters(task_model: TaskModel) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in task_model.model.named_parameters() if p.requires_grad}
 
@@ -193,11 +256,14 @@ def resolve(
     return RunSpec(method=method, task=task, train=train, method_options=options, **spec_fields)
 
 
-def train(spec: RunSpec, out, data=None) -> Outcome:
-    """Train (or resume) the run in folder ``out``; the best δ and head end up in ``out/best``."""
+def train(spec: RunSpec, out, data=None, fresh: bool = False) -> Outcome:
+    """Train (or resume) the run in folder ``out``; the best δ and head end up in ``out/best``. A rerun resumes
+    only with the same settings, data files and base model; ``fresh``: move an earlier run in ``out`` aside to
+    ``out.old-TIMESTAMP`` and start anew."""
     out = Path(out)
     stored = out / "run.json"
-    if stored.exists():
+    resuming = stored.exists() and not fresh
+    if resuming:
         previous = read_spec(out)
         if replace(previous, train=replace(previous.train, stop_after=None)) != replace(
             spec, train=replace(spec.train, stop_after=None)
@@ -207,10 +273,15 @@ def train(spec: RunSpec, out, data=None) -> Outcome:
                 "or the same settings to resume it"
             )
     # Everything that can reject the spec (task, model, method options, sites) runs before anything is written.
-    task, task_model, deltas = build_deltas(spec, data)
+    task, task_model, deltas, backbone = _build(spec, data)
+    inputs = run_inputs(spec, backbone, data)
+    if resuming:
+        check_inputs(out, json.loads(stored.read_text()).get("inputs"), inputs, spec, data)
     trainable = trainable_parameters(task_model)
+    if fresh and out.exists():
+        print(f"--fresh: the earlier run folder is now {move_aside(out)}")
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(stored, json.dumps(spec.to_dict(), indent=1) + "\n")
+    write_atomic(stored, json.dumps({**spec.to_dict(), "inputs": inputs}, indent=1) + "\n")
     recover_dir(out / "best")
     eval_batch = max(spec.train.batch_size, 64)
 
