@@ -218,3 +218,69 @@ def test_a_run_recorded_without_input_hashes_still_resumes(t5_folder, tmp_path):
     _change_base(model)
     assert run.train(lora, out, data=data).status == "finished"
     assert "inputs" in json.loads((out / "run.json").read_text())  # recorded from now on
+
+
+HOLD_LOCK = """import sys, time
+from deltactl.train.run import run_lock
+with run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+@needs_data
+def test_a_run_directory_in_use_is_refused_naming_the_pid(t5_folder, tmp_path, capsys):
+    """A second process on a run folder whose lock another process holds stops at once and changes nothing."""
+    from deltactl.cli import main
+
+    out = tmp_path / "run"
+    lora = spec("lora", t5_folder, epochs=0.25)
+    run.train(lora, out, data=DATA)
+
+    def disk():
+        return sorted((str(p.relative_to(tmp_path)), p.read_bytes() if p.is_file() else None)
+                      for p in tmp_path.rglob("*"))
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = disk()
+        in_use = f"run directory {out} is in use by pid {holder.pid}"
+        argv = ["train", "--method", "lora", "--task", "sst2", "--model", str(t5_folder), "--kshot-seed", "13",
+                "--data", str(DATA), "--out", str(out), "--epochs", "0.25", "--batch-size", "8", "--eval-every", "2",
+                "--lr", "0.01", "--max-length", "32"]
+        capsys.readouterr()
+        for command in (argv, [*argv, "--fresh"], ["eval", "--run", str(out), "--data", str(DATA)]):
+            assert main(command) == 2
+            errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deltactl ")]
+            assert errors == [f"deltactl {command[0]}: {in_use} (another deltactl train or eval); wait for it to "
+                              "finish or stop it, then rerun"]
+            assert disk() == before
+    finally:
+        holder.kill()  # kill -9: the kernel drops its lock
+        holder.wait()
+    assert run.train(lora, out, data=DATA).status == "finished"
+    assert (out / ".lock").read_text() == f"{os.getpid()}\n"  # this process held it last
+    with run.run_lock(out):  # and released it on return
+        with pytest.raises(run.RunInUse, match=f"in use by pid {os.getpid()}"):
+            run.evaluate_run(out, data=DATA)
+    assert "accuracy" in run.evaluate_run(out, data=DATA)
+
+
+@needs_data
+def test_the_lock_is_held_while_training_new_and_resumed_runs(t5_folder, tmp_path, monkeypatch):
+    real_fit, seen = run.fit, []
+
+    def fit_checking_the_lock(*args):
+        out = args[-2]
+        with pytest.raises(run.RunInUse, match=f"{out} is in use by pid {os.getpid()}"):
+            run.RunLock().acquire(out)
+        seen.append(out)
+        return real_fit(*args)
+
+    monkeypatch.setattr(run, "fit", fit_checking_the_lock)
+    lora = spec("lora", t5_folder, epochs=0.25)
+    for _ in range(2):  # a new folder (locked once created), then the resume (locked from the start)
+        assert run.train(lora, tmp_path / "run", data=DATA).status == "finished"
+    assert run.train(lora, tmp_path / "run", data=DATA, fresh=True).status == "finished"  # the new folder's lock
+    assert seen == [tmp_path / "run"] * 3

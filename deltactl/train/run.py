@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -235,6 +237,54 @@ def move_aside(out: Path) -> Path:
     return aside
 
 
+class RunInUse(ValueError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """An advisory lock (``flock``) on ``<run>/.lock`` held by a train or eval command for as long as it runs; the
+    file holds the holder's pid. The kernel releases it when the process exits, however it exits."""
+
+    def __init__(self):
+        self.fd: int | None = None
+
+    def acquire(self, out: Path) -> None:
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = b""
+            for _ in range(20):  # the holder writes its pid just after locking
+                holder = os.pread(fd, 32, 0).strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            os.close(fd)
+            pid = holder.decode(errors="replace") or "?"
+            raise RunInUse(f"run directory {out} is in use by pid {pid} (another deltactl train or eval); wait for "
+                           "it to finish or stop it, then rerun") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+@contextmanager
+def run_lock(out):
+    """Hold the lock of run folder ``out`` (which must exist) for the ``with`` block; ``RunInUse`` if another
+    process holds it."""
+    lock = RunLock()
+    lock.acquire(Path(out))
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
 def trainable_parameters(task_model: TaskModel) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in task_model.model.named_parameters() if p.requires_grad}
 
@@ -261,6 +311,16 @@ def train(spec: RunSpec, out, data=None, fresh: bool = False) -> Outcome:
     only with the same settings, data files and base model; ``fresh``: move an earlier run in ``out`` aside to
     ``out.old-TIMESTAMP`` and start anew."""
     out = Path(out)
+    lock = RunLock()
+    if out.is_dir():  # a new folder is locked once it is created, after the options are checked
+        lock.acquire(out)
+    try:
+        return _train(spec, out, data, fresh, lock)
+    finally:
+        lock.release()
+
+
+def _train(spec: RunSpec, out: Path, data, fresh: bool, lock: RunLock) -> Outcome:
     stored = out / "run.json"
     resuming = stored.exists() and not fresh
     if resuming:
@@ -279,8 +339,12 @@ def train(spec: RunSpec, out, data=None, fresh: bool = False) -> Outcome:
         check_inputs(out, json.loads(stored.read_text()).get("inputs"), inputs, spec, data)
     trainable = trainable_parameters(task_model)
     if fresh and out.exists():
-        print(f"--fresh: the earlier run folder is now {move_aside(out)}")
+        aside = move_aside(out)
+        lock.release()  # the old run's lock went aside with it
+        print(f"--fresh: the earlier run folder is now {aside}")
     out.mkdir(parents=True, exist_ok=True)
+    if lock.fd is None:
+        lock.acquire(out)
     write_atomic(stored, json.dumps({**spec.to_dict(), "inputs": inputs}, indent=1) + "\n")
     recover_dir(out / "best")
     eval_batch = max(spec.train.batch_size, 64)
@@ -311,6 +375,12 @@ def evaluate_run(out, split: str = "dev", data=None) -> dict:
     best = readable_dir(out / "best")
     if not (best / "trainable.safetensors").exists():
         raise FileNotFoundError(f"{out} has no best δ yet: train it first (deltactl train ... --out {out})")
+    with run_lock(out):
+        return _evaluate(out, split, data)
+
+
+def _evaluate(out: Path, split: str, data) -> dict:
+    best = readable_dir(out / "best")
     spec = read_spec(out)
     task, task_model, _ = build_deltas(spec, data)
     if split not in task.splits:
