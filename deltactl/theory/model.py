@@ -104,7 +104,8 @@ class _Call:
         """Run the module on the recorded call with the state (and any named argument) replaced."""
         kwargs = {**self.kwargs, **{_ARGUMENTS[role]: v for role, v in replace.items() if v is not None}}
         recorded = kwargs.pop(self.hidden_name)
-        return self.module(recorded if hidden is None else hidden, **kwargs)  # the state positionally, as the stacks pass it (hooks read args[0])
+        # the state positionally, as the stacks pass it (hooks read args[0])
+        return self.module(recorded if hidden is None else hidden, **kwargs)
 
 
 # What a block stage replaces besides the state, by role: T5Block's cross-attention memory and shared position bias.
