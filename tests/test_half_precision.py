@@ -21,8 +21,8 @@ from conftest import VOCAB, tiny_batch, tiny_bert, tiny_bert_batch, tiny_t5
 
 import deltactl as dc
 from deltactl.control.controller import NotMergeable, site_key
+from deltactl.control.registry import sites_of
 from deltactl.methods import REGISTRY, make_config, make_example
-from deltactl.methods.registry import sites_of
 from deltactl.train.loop import TrainConfig, fit
 from deltactl.train.models import SequenceClassifier
 

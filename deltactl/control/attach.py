@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from deltactl.backbones import backbone_for
+from deltactl.control import registry
 from deltactl.control.combinators import Chain, Combination, Sum
 from deltactl.control.controller import Controller
-from deltactl.methods import registry
 
 ROOT = "deltactl"  # the attribute of the model under which attached controllers live
 

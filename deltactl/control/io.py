@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deltactl.control.attach import Delta, attach, base_named_parameters, deltas
-from deltactl.methods.registry import config_from_dict
+from deltactl.control.registry import config_from_dict
 
 FORMAT = 1
 TENSORS, CONFIG = "delta.safetensors", "delta.json"

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from deltactl.control.attach import Delta, attach
 from deltactl.control.controller import site_key
-from deltactl.methods import make_config
+from deltactl.control.registry import make_config
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 SUPPORTED = ("lora", "ia3", "prompt", "prefix")

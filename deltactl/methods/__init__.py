@@ -1,5 +1,6 @@
 """Delta methods, one file each; importing a file registers its method."""
 
+from deltactl.control.registry import REGISTRY, DeltaConfig, Method, get, make_config, make_example, register
 from deltactl.methods import (  # noqa: F401 - registration
     adapter,
     bitfit,
@@ -18,6 +19,5 @@ from deltactl.methods import (  # noqa: F401 - registration
     prompt,
     selective,
 )
-from deltactl.methods.registry import REGISTRY, DeltaConfig, Method, get, make_config, make_example, register
 
 __all__ = ["REGISTRY", "DeltaConfig", "Method", "get", "make_config", "make_example", "register"]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from deltactl.control.controller import PerSite, site_key
-from deltactl.methods.registry import DeltaConfig, register
+from deltactl.control.registry import DeltaConfig, register
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1  # the hard-concrete temperature and stretch of Louizos et al.
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltactl.control.controller import PerSite
-from deltactl.methods.registry import DeltaConfig, register
+from deltactl.control.registry import DeltaConfig, register
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from deltactl.control.registry import DeltaConfig, register
 from deltactl.methods import specification
-from deltactl.methods.registry import DeltaConfig, register
 
 
 @dataclass(frozen=True)

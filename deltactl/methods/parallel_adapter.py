@@ -15,7 +15,7 @@ from torch import nn
 
 from deltactl.backbones.compat import ACT2FN
 from deltactl.control.controller import PerSite
-from deltactl.methods.registry import DeltaConfig, register
+from deltactl.control.registry import DeltaConfig, register
 
 
 @dataclass(frozen=True)

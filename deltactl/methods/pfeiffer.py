@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from deltactl.control.registry import register
 from deltactl.methods import adapter
-from deltactl.methods.registry import register
 
 
 @dataclass(frozen=True)

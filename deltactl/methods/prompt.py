@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from deltactl.control.controller import PerSite
-from deltactl.methods.registry import DeltaConfig, register
+from deltactl.control.registry import DeltaConfig, register
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
+from deltactl.control.registry import DeltaConfig, register
 from deltactl.methods import specification
-from deltactl.methods.registry import DeltaConfig, register
 
 GROUPS = {"ffn": ("wi", "wi_0", "wi_1", "wo"), "q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "ln": ("ln",)}
 
