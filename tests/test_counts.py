@@ -38,6 +38,9 @@ FORMULAS = {
     ("bitfit", ()): 3 * L * (3 * D + D) + 2 * L * (FF + D) + (L * 2 + 1 + L * 3 + 1) * D,
     ("prompt", ()): 100 * D,
     ("prefix", (("reparameterize", False),)): 20 * 2 * D * 3 * L,  # encoder self, decoder self and cross
+    # reparameterised: a p × d embedding E, then W₂ tanh(W₁ E + b₁) + b₂ with W₁ d → 512 (d·512 + 512) and
+    # W₂ 512 → all 36 memories' key/value rows (512·w + w, w = 2·d·3L)
+    ("prefix", ()): 20 * D + (D * 512 + 512) + (512 * (2 * D * 3 * L) + 2 * D * 3 * L),
     ("last_layer", ()): 4 * D * D + 2 * D * FF + 2 * D,
     ("named", (("sites", ("encoder.0.attn.q.weight",)),)): D * D,
 }

@@ -249,6 +249,23 @@ def test_d90_from_a_curve(tmp_path):
         d90_from_curve([1, 2], [0.1], full=1.0)
 
 
+def test_d90_is_the_first_d_reaching_the_target_and_interpolates_in_log_d():
+    """d90 = min{d : metric(d) ≥ share · full} (reaching the target counts), and between the grid points (d₀, m₀)
+    below and (d₁, m₁) at it, log d is linear in the metric: d = exp(log d₀ + t (log d₁ − log d₀)) with
+    t = (target − m₀)/(m₁ − m₀), i.e. the geometric interpolation d₀^(1−t) d₁^t. Rules out a strict > (exceeding
+    only) and linear interpolation in d."""
+    exact = d90_from_curve([10, 100, 1000], [0.25, 0.5, 0.75], full=1.0, share=0.5)  # 0.5 · 1.0 is exact in binary
+    assert exact.d90 == 100  # 0.5 reaches the target 0.5 exactly
+    assert exact.d90_interpolated == pytest.approx(100.0, rel=1e-12)  # t = 1: the grid point itself
+    assert d90_search(lambda d: {10: 0.25, 100: 0.5, 1000: 0.75}[d], [10, 100, 1000], full=1.0, share=0.5).d90 == 100
+    # t = 1/2 halfway in the metric: the geometric mean √(10 · 1000) = 100, not the arithmetic (10 + 1000)/2 = 505
+    mid = d90_from_curve([10, 1000], [0.5, 1.0], full=1.0, share=0.75)
+    assert mid.d90 == 1000 and mid.d90_interpolated == pytest.approx(100.0, rel=1e-12)
+    # t = 1/4: 10^(3/4) · 1000^(1/4) = 10^1.5
+    quarter = d90_from_curve([10, 1000], [0.5, 1.0], full=2.0, share=0.3125)
+    assert quarter.d90_interpolated == pytest.approx(10**1.5, rel=1e-12)
+
+
 def test_label_word_head_is_cosine_to_frozen_label_embeddings():
     encoder = tiny_bert(head=False)
 

@@ -1,5 +1,6 @@
 """MSA, matrix-free Jacobians and subspace geometry against exact references (float64)."""
 
+import numpy
 import pytest
 import scipy.linalg
 import torch
@@ -9,6 +10,7 @@ from torch.func import jacrev
 
 import deltactl as dc
 from deltactl.theory.geometry import (
+    column_basis,
     effective_update,
     principal_angles,
     site_io,
@@ -104,6 +106,27 @@ def test_msa_reaches_the_riccati_optimum(rho):
     assert system.forward(params)[1].item() == pytest.approx(j_star.item(), rel=1e-10)
     for k in params:
         torch.testing.assert_close(params[k].detach(), u_star[k], atol=1e-8, rtol=0)
+
+
+def test_proximal_term_is_minus_half_c_times_the_squared_distance_to_the_anchor():
+    """M_c(δ) = M_0(δ) − (c/2) ‖δ − δ_k‖² and ∇M_c = ∇M_0 − c (δ − δ_k), in closed form (ρ = 0): the proximal term
+    penalises leaving the anchor δ_k. Rules out a proximal term with the wrong sign (one that rewards distance)."""
+    problem = LQProblem.random(n=3, m=2, horizon=4, seed=4)
+    system = problem.system()
+    anchor = problem.controls(0.1)
+    view = system.costates(anchor)
+    g = torch.Generator().manual_seed(7)
+    moved = {k: (v + torch.randn(v.shape, generator=g, dtype=v.dtype)).requires_grad_() for k, v in anchor.items()}
+    c = 2.5
+    plain = augmented_hamiltonian(system, view, moved, anchor)
+    proximal = augmented_hamiltonian(system, view, moved, anchor, proximal=c)
+    distance = sum(float(((moved[k].detach() - anchor[k]) ** 2).sum()) for k in anchor)
+    assert distance > 1.0
+    assert proximal.item() - plain.item() == pytest.approx(-0.5 * c * distance, rel=1e-12)
+    g_plain = torch.autograd.grad(plain, list(moved.values()))
+    g_prox = torch.autograd.grad(proximal, list(moved.values()))
+    for k, a, b in zip(moved, g_plain, g_prox):
+        torch.testing.assert_close(b, a - c * (moved[k].detach() - anchor[k]), atol=1e-13, rtol=0)
 
 
 def test_msa_config_errors():
@@ -208,6 +231,49 @@ def test_principal_angles_match_scipy():
                                                                                   dtype=torch.float64))
     with pytest.raises(ValueError, match="same number of rows"):
         principal_angles(A, B[:5])
+
+
+def test_principal_angles_of_rank_deficient_matrices_match_scipy():
+    """A (12 × 4) of rank 2: its column space is 2-dimensional, so it has exactly min(2, 3) = 2 principal angles to a
+    generic 3-dimensional B, those of scipy.linalg.subspace_angles between an orthonormal basis of range(A)
+    (scipy.linalg.orth) and B; column_basis(A) spans range(A): U Uᵀ equals the orthogonal projector onto it.
+    Rules out a basis one column wider than the numerical rank (a spurious direction and an extra angle)."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(12, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 4, generator=g, dtype=torch.float64)
+    B = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    orth = scipy.linalg.orth(A.numpy())
+    assert orth.shape == (12, 2)
+    U = column_basis(A)
+    assert U.shape == (12, 2)
+    torch.testing.assert_close(U @ U.T, torch.from_numpy(orth @ orth.T), atol=1e-12, rtol=0)
+    torch.testing.assert_close(U.T @ U, torch.eye(2, dtype=torch.float64), atol=1e-12, rtol=0)
+    expected = torch.tensor(scipy.linalg.subspace_angles(orth, B.numpy())).sort().values
+    angles = principal_angles(A, B)
+    assert angles.shape == (2,)
+    torch.testing.assert_close(angles, expected, atol=1e-12, rtol=0)
+    # range(A) inside range([A, B]): every angle is 0, one per dimension of range(A)
+    torch.testing.assert_close(principal_angles(A, torch.cat([A, B], 1)), torch.zeros(2, dtype=torch.float64),
+                               atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-9, 1e9])
+def test_numerical_rank_is_relative_to_the_largest_singular_value(scale):
+    """rank_rtol(M) = #{σ_i > rtol · σ_1}: invariant under M → s M, and equal to numpy.linalg.matrix_rank with the
+    tolerance rtol · σ_1. Rules out an absolute tolerance (σ_i > rtol), which makes the rank depend on the scale."""
+    g = torch.Generator().manual_seed(1)
+    U = torch.linalg.qr(torch.randn(20, 5, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(15, 5, generator=g, dtype=torch.float64))[0]
+    sigma = torch.tensor([5.0, 3.0, 2.0, 1e-3, 1e-9], dtype=torch.float64) * scale
+    M = U @ torch.diag(sigma) @ V.T
+    rtol = 1e-6
+    reference = int(numpy.linalg.matrix_rank(M.numpy(), tol=rtol * float(sigma[0])))
+    assert reference == 4  # 1e-9 / 5 < 1e-6 ≤ 1e-3 / 5 at every scale
+    assert numerical_rank(sigma, rtol) == reference
+    assert numerical_rank(torch.linalg.svdvals(M), rtol) == reference
+    spec = spectrum(lambda c: M @ c["x"], {"x": torch.zeros(15, dtype=torch.float64)}, rtol=rtol)
+    assert spec.rank == reference
+    assert column_basis(M, rtol).shape == (20, reference)
+    assert column_basis(M).shape == (20, reference)  # the float64 default tolerance is 1e-6 too
 
 
 @pytest.mark.parametrize("generic", [True, False])
