@@ -200,6 +200,22 @@ def test_effective_update_of_lora_is_scaled_BA_with_rank_r():
     assert numerical_rank(torch.linalg.svdvals(dWx), 1e-10) == 2
 
 
+def test_effective_update_of_ia3_at_its_output_sites_and_refused_at_its_input_sites():
+    """IA3 at the value projection: G(x, y) = l ⊙ y, so ΔW_x = 0 and ΔW_y = diag(l) − I exactly. At ``ffn.wo`` the law
+    scales the layer's input (x' = l ⊙ x): G(x, y) − y is not the layer's update there (its update is W diag(l) − W,
+    and l ⊙ x has d_ff entries against y's d_model), so ``site_law`` refuses it instead of handing out a law whose
+    effective update would be a shape error, or wrong where d_in = d_out."""
+    model, delta, batch = t5_with("ia3")
+    site = "decoder.1.attn.v"
+    x, y = site_io(model, batch, site)
+    dWx, dWy = effective_update(site_law(delta, site), x, y)
+    scale = delta.controller.layers[site.replace(".", "__")].l.detach()
+    assert dWx.abs().max() == 0
+    torch.testing.assert_close(dWy, torch.diag(scale) - torch.eye(len(scale), dtype=scale.dtype), atol=1e-14, rtol=0)
+    with pytest.raises(ValueError, match="acts on the layer's input"):
+        site_law(delta, "encoder.0.ffn.wo")
+
+
 def test_effective_update_of_an_adapter_is_its_linearisation_on_bert():
     model = tiny_bert()
     delta = dc.attach(model, config("adapter"))

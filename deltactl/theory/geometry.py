@@ -33,7 +33,11 @@ def site_law(delta: Delta, site: str):
     if kind not in ("linear", "norm", "branch", "state"):
         raise ValueError(f"{site!r} is a {kind} site: effective updates are defined at linear, norm, branch, "
                          "state sites (the law maps (x, y) to y')")
-    return laws[site][1]
+    law = laws[site][1]
+    if getattr(law, "acts_on", "output") != "output":  # x' = G(x) before the layer: G(x, y) − y means nothing
+        raise ValueError(f"the law of delta {delta.name!r} at {site!r} acts on the layer's input (x' = G(x)), not "
+                         "on its output; effective updates are defined for laws y' = G(x, y)")
+    return law
 
 
 def site_io(model, batch: dict, site: str, forward=None) -> tuple[torch.Tensor, torch.Tensor]:
