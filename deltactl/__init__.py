@@ -2,11 +2,13 @@
 
 from deltactl.backbones import backbone_for
 from deltactl.control.accounting import count
-from deltactl.control.attach import Delta, attach, attached_deltas, deltas, disable_all, disabled, penalty, use
+from deltactl.control.attach import Delta, attach, disable_all, disabled, penalty, use
 from deltactl.control.combinators import chain, sum  # noqa: A004 - deltactl.sum is the sum combinator
 from deltactl.control.controller import Controller, PerSite
-from deltactl.control.io import fingerprint, load
+from deltactl.control.io import fingerprint
+from deltactl.control.load import load
 from deltactl.control.peft_format import export_peft, import_peft
+from deltactl.control.root import attached_deltas, deltas
 from deltactl.control.tree import tree
 from deltactl.methods import REGISTRY, DeltaConfig, make_config, register
 from deltactl.methods.adapter import AdapterConfig

@@ -24,8 +24,8 @@ from peft_probes import BERT_PREFIX_RAISES, cache_argument, peft_bert_prefix_rai
 from transformers import BertModel
 
 import deltactl as dc
+from deltactl.backbones.sites import select
 from deltactl.control.controller import site_key
-from deltactl.control.sites import select
 
 TOL = 1e-6
 P = 3  # prompt rows / prefix rows

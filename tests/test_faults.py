@@ -107,7 +107,71 @@ def test_flipped_byte_or_edited_json_is_refused_naming_the_file(tmp_path):
         dc.load(model, tmp_path)
 
 
+def _rewrite_tensors(folder, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "delta.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "delta.safetensors"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.update({k: torch.zeros(3, 5) for k in list(t)[:1]}),
+     r"holds '.*' with shape \(3, 5\), but this lora on this model has shape \(2, \d+\) there"),
+    (lambda t: t.pop(sorted(t)[0]), r"has no tensor '.*', which this lora needs \(1 missing of \d+\)"),
+    (lambda t: t.update({"extra.weight": torch.zeros(2)}), r"holds 'extra.weight', which this lora does not have"),
+    (lambda t: t.update({k: torch.ones(t[k].shape, dtype=torch.int64) for k in list(t)[:1]}),
+     r"holds '.*' as int64, but this lora keeps it as float32"),
+])
+def test_unverified_tensors_that_do_not_fit_are_named(tmp_path, change, message):
+    model = tiny_t5(dtype=torch.float32)
+    lora(model, 0.5).save(tmp_path)
+    dc.deltas(model)["lora"].detach()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _rewrite_tensors(tmp_path, change)
+    with pytest.raises(ValueError, match="content hash"):
+        dc.load(model, tmp_path)
+    with pytest.raises(ValueError, match=message):
+        dc.load(model, tmp_path, verify=False)
+    assert dc.deltas(model) == {} and not hasattr(model, "deltactl")  # nothing left attached
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_unverified_config_edit_that_changes_shapes_is_named(tmp_path):
+    model = tiny_t5(dtype=torch.float32)
+    lora(model, 0.5).save(tmp_path)
+    dc.deltas(model)["lora"].detach()
+    config = tmp_path / "delta.json"
+    meta = json.loads(config.read_text())
+    meta["config"]["r"] = 4
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"with shape \(2, \d+\), but this lora on this model has shape \(4, \d+\)"):
+        dc.load(model, tmp_path, verify=False)
+
+
 # --- atomic checkpoints and run folders ------------------------------------------------------------------------
+
+
+def test_a_changed_checkpoint_is_refused_naming_the_file(tmp_path):
+    folder = tmp_path / "checkpoint"
+    save_checkpoint(folder, *_state(1), {"step": 1})
+    tensors = folder / "state.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0x01
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{tensors} does not match the content hash stored in state.json"):
+        load_checkpoint(folder, *_state(0))
+    save_checkpoint(folder, *_state(1), {"step": 1})
+    config = folder / "state.json"
+    meta = json.loads(config.read_text())
+    meta["progress"]["step"] = 7
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"{config} does not match its stored content hash"):
+        load_checkpoint(folder, *_state(0))
+    tensors.write_bytes(tensors.read_bytes()[:20])
+    with pytest.raises(ValueError, match=rf"{tensors} cannot be read as safetensors"):
+        load_checkpoint(folder, *_state(0))
+
 
 
 def _state(value):

@@ -15,8 +15,8 @@ from test_inference import _batches, _classifier
 from test_train_loop import collate, synthetic_pairs
 
 import deltactl as dc
-from deltactl.control.attach import base_named_parameters
 from deltactl.control.controller import site_key
+from deltactl.control.root import base_named_parameters
 from deltactl.inference.attacks import insert_trigger, universal_trigger
 from deltactl.train.loop import TrainConfig, fit
 

@@ -7,7 +7,7 @@ import torch
 from conftest import VOCAB, tiny_batch, tiny_t5
 
 import deltactl as dc
-from deltactl.control.sites import select
+from deltactl.backbones.sites import select
 
 
 def test_site_map_of_both_t5_versions():

@@ -71,7 +71,7 @@ MUTANTS = [
            "                status = \"diverged\"\n",
            "                status = \"diverged\"; save_best(out / \"best\")\n",
            f"{K} -k divergence", "divergence overwrites best/"),
-    Mutant("deltactl/control/attach.py",
+    Mutant("deltactl/control/root.py",
            "for n, p in model.named_parameters() if not n.startswith(ROOT + \".\")]",
            "for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(ROOT + \".\")]",
            f"{K} -k tied", "tied tensors counted twice"),
@@ -113,7 +113,7 @@ MUTANTS = [
            "pass  # as it was", f"{C} -k \"merge_equals and t5 and bitfit\"", "unmerge leaves a created bias"),
     Mutant("deltactl/control/merge.py", "                old.copy_(new)\n", "                old.add_(new)\n",
            f"{C} -k merge_equals", "merge adds θ' to θ"),
-    Mutant("deltactl/control/io.py", "if expected[\"sha256\"] != actual[\"sha256\"] and not",
+    Mutant("deltactl/control/load.py", "if expected[\"sha256\"] != actual[\"sha256\"] and not",
            "if False and expected[\"sha256\"] != actual[\"sha256\"] and not", f"{C} -k save_load",
            "load accepts another base"),
     Mutant("deltactl/control/controller.py", "return self.layers[site_key(site)](*payload)",
@@ -280,6 +280,12 @@ MUTANTS = [
     Mutant("deltactl/backbones/bert.py", "kwargs[\"position_ids\"] = torch.cat([first, pos + p], dim=1)",
            "kwargs[\"position_ids\"] = torch.cat([first, pos], dim=1)", "tests/test_bert_backbone.py -k prompt",
            "BERT prompt: token positions not shifted"),
+    Mutant("deltactl/control/load.py", "if tuple(value.shape) != tuple(own[key].shape):", "if False:",
+           "tests/test_faults.py -k unverified", "load leaves a shape mismatch to torch's message"),
+    Mutant("deltactl/train/checkpoint.py", "if tensor_digest(tensors) != meta[\"tensors_sha256\"]:", "if False:",
+           "tests/test_faults.py -k changed_checkpoint", "checkpoint tensors not checked against their hash"),
+    Mutant("deltactl/control/attach.py", "        restore_weights(self._merged)\n", "",
+           f"{C} -k merge_equals", "unmerge forgets to restore the weights"),
 ]
 
 

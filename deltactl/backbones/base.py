@@ -10,7 +10,7 @@ from torch import nn
 
 from deltactl.backbones import compat
 from deltactl.backbones.parameters import ParameterHandle, parameter_sites
-from deltactl.control.sites import OUTPUT_KINDS, Site
+from deltactl.backbones.sites import OUTPUT_KINDS, Site
 
 
 @dataclass

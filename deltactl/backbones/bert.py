@@ -28,7 +28,7 @@ from transformers import BertModel
 from deltactl.backbones import compat
 from deltactl.backbones.base import Backbone
 from deltactl.backbones.memory import MemoryHandle
-from deltactl.control.sites import Site
+from deltactl.backbones.sites import Site
 
 
 class BertBackbone(Backbone):

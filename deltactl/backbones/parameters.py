@@ -18,7 +18,7 @@ import weakref
 
 from torch import nn
 
-from deltactl.control.sites import Site
+from deltactl.backbones.sites import Site
 
 EXCLUDED_ROOTS = ("deltactl",)  # attached controllers are not part of the backbone
 

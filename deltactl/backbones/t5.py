@@ -20,7 +20,7 @@ from torch import nn
 from deltactl.backbones import compat
 from deltactl.backbones.base import Backbone
 from deltactl.backbones.memory import MemoryHandle
-from deltactl.control.sites import Site
+from deltactl.backbones.sites import Site
 
 
 class T5Backbone(Backbone):

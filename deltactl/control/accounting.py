@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deltactl.control import registry
-from deltactl.control.attach import attached_deltas, base_named_parameters
 from deltactl.control.combinators import Combination
+from deltactl.control.root import attached_deltas, base_named_parameters
 
 # Trainable share of T5-base reported by the delta-tuning paper (Ding et al., 2023), for comparison.
 PAPER_PERCENT_T5_BASE = {"prompt": 0.03, "lora": 0.38, "adapter": 2.38, "prefix": 7.93}

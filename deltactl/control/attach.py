@@ -9,8 +9,9 @@ from deltactl.backbones import backbone_for
 from deltactl.control import registry
 from deltactl.control.combinators import Chain, Combination, Sum
 from deltactl.control.controller import Controller
-
-ROOT = "deltactl"  # the attribute of the model under which attached controllers live
+from deltactl.control.io import save
+from deltactl.control.merge import restore_weights, write_weights
+from deltactl.control.root import ROOT, base_parameters, deltas
 
 
 def check_options(config):
@@ -116,17 +117,24 @@ class Delta:
         return self._set(frozen=False)
 
     def merge(self) -> "Delta":
-        """Write the delta's effect into the base weights (θ ← G(θ)); see ``deltactl.control.merge``."""
-        from deltactl.control.merge import merge
-
-        merge(self)
+        """Write the delta's effect into the base weights (θ ← G(θ)); the delta then acts through the weights only
+        (see ``deltactl.control.merge``)."""
+        self._check_attached()
+        if self.merged:
+            raise RuntimeError(f"delta {self.name!r} is already merged")
+        if not self.active:
+            raise RuntimeError(f"delta {self.name!r} is disabled; enable it before merging")
+        self._merged = write_weights(self.model, self.controller.weight_laws())
+        _reinstall(self.model, self)
         return self
 
     def unmerge(self) -> "Delta":
         """Restore the base weights exactly and act through the laws again."""
-        from deltactl.control.merge import unmerge
-
-        unmerge(self)
+        if not self.merged:
+            raise RuntimeError(f"delta {self.name!r} is not merged")
+        restore_weights(self._merged)
+        self._merged = None
+        _reinstall(self.model, self)
         return self
 
     def _set(self, **state) -> "Delta":
@@ -154,13 +162,12 @@ class Delta:
         del root[self.name]
         del root.handles[self.name]
         if len(root) == 0:
-            for param, flag in zip(_base_parameters(self.model), root.base_requires_grad):
+            for param, flag in zip(base_parameters(self.model), root.base_requires_grad):
                 param.requires_grad_(flag)
             delattr(self.model, ROOT)
 
     def save(self, path) -> None:
-        from deltactl.control.io import save
-
+        """Write δ, its config and the base's fingerprint to the folder ``path`` (see ``deltactl.control.io``)."""
         save(self, path)
 
     def __repr__(self):
@@ -208,13 +215,13 @@ def attach(model: nn.Module, config, *, name: str | None = None, dtype: torch.dt
         raise ValueError(f"a delta named {name!r} is already attached; pick another name or detach it first")
     if "." in name or not name:
         raise ValueError(f"delta name {name!r} must be non-empty and without dots (it names a module)")
-    reference = next(p for p in _base_parameters(model) if p.is_floating_point())
+    reference = next(p for p in base_parameters(model) if p.is_floating_point())
     controller.to(device=reference.device, dtype=dtype or delta_dtype(reference.dtype))
     controller.train(model.training)  # a model in eval mode gets an eval-mode controller (dropout, gates)
 
     created = root is None
     if created:
-        base = list(_base_parameters(model))
+        base = list(base_parameters(model))
         root = nn.ModuleDict()
         root.base_requires_grad = [p.requires_grad for p in base]  # restored when the last delta leaves
         root.handles = {}  # name -> Delta, in attachment order
@@ -257,12 +264,6 @@ def delta_dtype(base: torch.dtype) -> torch.dtype:
     in float16 AdamW's ε = 1e-8 is 0, so an entry with a zero gradient (LoRA's A while B = 0) steps by 0/0 = NaN.
     """
     return torch.float32 if base in HALF else base
-
-
-def deltas(model) -> dict[str, Delta]:
-    """The deltas attached to ``model``, by name, in attachment order."""
-    root = model._modules.get(ROOT)
-    return dict(root.handles) if root is not None else {}
 
 
 def use(model, *names: str) -> None:
@@ -334,19 +335,3 @@ def _free_name(root, base: str) -> str:
         name = f"{base}_{k}"
     return name
 
-
-def _base_parameters(model):
-    """The model's own parameters (not those of attached controllers), in a fixed order."""
-    for name, param in model.named_parameters():
-        if not name.startswith(ROOT + "."):
-            yield param
-
-
-def base_named_parameters(model):
-    return [(n, p) for n, p in model.named_parameters() if not n.startswith(ROOT + ".")]
-
-
-def attached_deltas(model) -> dict[str, Controller]:
-    """The controllers attached to ``model``, by delta name."""
-    root = model._modules.get(ROOT)
-    return dict(root.items()) if root is not None else {}

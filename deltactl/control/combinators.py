@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from deltactl.backbones.sites import OUTPUT_KINDS
 from deltactl.control.controller import Controller
-from deltactl.control.sites import OUTPUT_KINDS
 
 
 @dataclass(frozen=True)

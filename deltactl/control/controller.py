@@ -6,13 +6,13 @@ from functools import partial
 
 from torch import nn
 
-from deltactl.control.sites import Site
+from deltactl.backbones.sites import Site
 
 
 class Controller(nn.Module):
     """Base of every controller: a set of sites and ``control(site, *payload)``, the law at each.
 
-    The payload follows the site kind (see ``deltactl.control.sites``). The law reads δ only through
+    The payload follows the site kind (see ``deltactl.backbones.sites``). The law reads δ only through
     ``self``'s parameters, so ``torch.func.functional_call`` on the model swaps δ like any weight.
     """
 

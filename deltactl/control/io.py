@@ -1,4 +1,4 @@
-"""Save and load δ: safetensors for the tensors, JSON for the config, a fingerprint of the base model.
+"""Save δ: safetensors for the tensors, JSON for the config, a fingerprint of the base model (``load.py`` reads it).
 
 δ is saved in its own dtype (float32 on a half-precision base) and loaded into the dtype ``attach`` gives it on
 the model it is loaded onto, so values round-trip exactly whenever that dtype is at least as wide as the saved one.
@@ -19,15 +19,12 @@ import hashlib
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from deltactl.control.attach import Delta, attach, base_named_parameters, deltas
-from deltactl.control.registry import config_from_dict
+from deltactl.control.root import base_named_parameters, deltas
 
 FORMAT = 1
 TENSORS, CONFIG = "delta.safetensors", "delta.json"
@@ -151,7 +148,7 @@ def tensor_digest(tensors: dict) -> str:
     return digest.hexdigest()
 
 
-def _meta_digest(meta: dict) -> str:
+def meta_digest(meta: dict) -> str:
     """SHA-256 of a δ's JSON record without its own ``sha256`` field (keys sorted)."""
     body = {k: v for k, v in meta.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -173,16 +170,16 @@ def fingerprint(model, dtype: torch.dtype | None = None) -> dict:
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
         total += data.numel()
     return {
-        "model_type": model.config.model_type, "parameters": total, "dtype": _name(dtype or own),
+        "model_type": model.config.model_type, "parameters": total, "dtype": dtype_name(dtype or own),
         "sha256": digest.hexdigest(),
     }
 
 
-def _name(dtype) -> str | None:
+def dtype_name(dtype) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def _base_fingerprint(model) -> dict:
+def base_fingerprint(model) -> dict:
     """The fingerprint of the base weights as they are without merged deltas (merges are undone, then redone)."""
     merged = [d for d in deltas(model).values() if d.merged]
     for d in reversed(merged):
@@ -194,7 +191,7 @@ def _base_fingerprint(model) -> dict:
             d.merge()
 
 
-def save(delta: Delta, path) -> Path:
+def save(delta, path) -> Path:
     """Write ``path/delta.safetensors`` (δ) and ``path/delta.json`` (method config, sites, base fingerprint, content
     hashes), atomically: both files are written beside the old ones, then the JSON commits them."""
     path = Path(path)
@@ -206,11 +203,11 @@ def save(delta: Delta, path) -> Path:
         "name": delta.name,
         "config": delta.config.to_dict(),
         "sites": [s.name for s in delta.controller.sites],
-        "dtype": sorted({_name(t.dtype) for t in tensors.values()}),  # δ's, for the reader; loading casts
-        "base": _base_fingerprint(delta.model),
+        "dtype": sorted({dtype_name(t.dtype) for t in tensors.values()}),  # δ's, for the reader; loading casts
+        "base": base_fingerprint(delta.model),
         "tensors_sha256": tensor_digest(tensors),
     }
-    meta["sha256"] = _meta_digest(meta)
+    meta["sha256"] = meta_digest(meta)
     write_atomic(path / (TENSORS + PENDING), lambda tmp: save_file(tensors, str(tmp)))
     write_atomic(path / (CONFIG + PENDING), json.dumps(meta, indent=2) + "\n")  # the commit point
     _finish_save(path)
@@ -232,101 +229,9 @@ def _finish_save(path: Path) -> None:
         _step(f"removed {TENSORS + PENDING}")
 
 
-def _committed(path: Path) -> tuple[Path, Path]:
+def committed_files(path: Path) -> tuple[Path, Path]:
     """(tensor file, JSON file) of the δ last committed at ``path``, also midway through a save that was killed."""
     if (path / (CONFIG + PENDING)).is_file():
         pending = path / (TENSORS + PENDING)
         return (pending if pending.is_file() else path / TENSORS), path / (CONFIG + PENDING)
     return path / TENSORS, path / CONFIG
-
-
-def load(
-    model, path, *, name: str | None = None, dtype: torch.dtype | None = None, verify: bool = True
-) -> Delta:
-    """Attach the delta saved at ``path`` to ``model``; refuses a model other than the one it was trained on.
-
-    δ takes the dtype ``attach`` gives it on ``model`` (float32 on a half-precision base), or ``dtype``; the saved
-    values are cast to it. The files must match the content hashes stored at save time; ``verify=False`` loads a
-    δ whose files were changed on purpose (the base model is still checked).
-    """
-    path = Path(path)
-    tensor_file, config_file = _committed(path)
-    if not config_file.is_file() or not tensor_file.is_file():
-        raise FileNotFoundError(f"{path} is not a saved delta: expected {CONFIG} and {TENSORS} in it")
-    try:
-        meta = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file} is not valid JSON ({err}); the file is damaged or half-written") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        version = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{config_file} has format {version!r}; this deltactl reads format {FORMAT}")
-    escape = "pass verify=False to load it anyway if the change was deliberate"
-    if verify and "sha256" not in meta:
-        warnings.warn(f"{config_file} has no content hash (saved by an older deltactl): loading it unverified",
-                      stacklevel=2)
-    elif verify and _meta_digest(meta) != meta["sha256"]:
-        raise ValueError(
-            f"{config_file} was changed after it was saved: its content no longer matches its stored hash "
-            f"(sha256 {meta['sha256'][:12]}…); {escape}"
-        )
-    expected, actual = meta["base"], fingerprint(model)
-    if expected["sha256"] != actual["sha256"] and not _same_base_in_another_dtype(model, expected, actual, path):
-        what = (
-            "its weights differ"
-            if (expected["model_type"], expected["parameters"]) == (actual["model_type"], actual["parameters"])
-            else f"it is a {actual['model_type']} with {actual['parameters']:,} parameters"
-        )
-        raise ValueError(
-            f"the delta at {path} was trained on a {expected['model_type']} base with {expected['parameters']:,} "
-            f"parameters (sha256 {expected['sha256'][:12]}…), but this model is another one: {what} "
-            f"(sha256 {actual['sha256'][:12]}…). Load it onto the base model it was trained on."
-        )
-    try:
-        tensors = load_file(str(tensor_file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{tensor_file} cannot be read as safetensors ({err}); the file is damaged") from None
-    if verify and "tensors_sha256" in meta and tensor_digest(tensors) != meta["tensors_sha256"]:
-        raise ValueError(
-            f"{tensor_file} does not match the content hash stored in {config_file.name} (sha256 "
-            f"{meta['tensors_sha256'][:12]}…): the tensors were changed or corrupted after saving; {escape}"
-        )
-    delta = attach(model, config_from_dict(meta["config"]), name=name or meta["name"], dtype=dtype)
-    try:
-        own = delta.controller.state_dict()
-        for key, value in tensors.items():
-            if key in own and value.is_floating_point() != own[key].is_floating_point():
-                raise ValueError(
-                    f"the delta at {path} holds {key!r} as {_name(value.dtype)}, but this {delta.config.method} "
-                    f"keeps it as {_name(own[key].dtype)}; it was not saved by this method"
-                )
-        # Floating-point values are cast to δ's dtype here (exact when it is at least as wide as the saved one).
-        tensors = {k: v.to(device=own[k].device, dtype=own[k].dtype) if k in own else v for k, v in tensors.items()}
-        delta.controller.load_state_dict(tensors, strict=True)
-    except Exception:
-        delta.detach()  # leave the model as it was
-        raise
-    return delta
-
-
-def _same_base_in_another_dtype(model, expected: dict, actual: dict, path) -> bool:
-    """Whether ``model`` is the saved base in another dtype: its weights cast to the saved dtype give the saved
-    fingerprint. Raises with both dtypes named when the dtypes differ but this cannot be shown."""
-    saved = expected.get("dtype")
-    if saved is None or saved == actual["dtype"] or (expected["model_type"], expected["parameters"]) != (
-        actual["model_type"], actual["parameters"]
-    ):
-        return False
-    if fingerprint(model, getattr(torch, saved))["sha256"] == expected["sha256"]:
-        return True
-    mine = actual["dtype"]
-    if getattr(torch, saved).itemsize > getattr(torch, mine).itemsize:
-        raise ValueError(
-            f"the delta at {path} was saved on a {saved} base, and this model is in {mine}: a {mine} copy cannot be "
-            f"checked against the {saved} weights the delta was saved with. Load the base in {saved} (e.g. "
-            f"from_pretrained(..., dtype=torch.{saved})) to load this delta. (A delta saved on a {mine} base loads "
-            f"onto the same base in {saved}, not the other way round.)"
-        )
-    raise ValueError(
-        f"the delta at {path} was saved on a {saved} base, and this model is in {mine}: cast to {saved}, its weights "
-        f"are not that base's (sha256 {expected['sha256'][:12]}…). Load it onto the base it was trained on."
-    )

@@ -1,5 +1,8 @@
 """Merge and unmerge: write a delta's effect into the base weights, θ ← G(θ), and restore them exactly.
 
+``Delta.merge`` and ``Delta.unmerge`` call the two functions here, which only write weights: they know nothing of
+deltas, so the state (merged or not, which hooks act) stays with the delta.
+
 For methods whose control is a change of weights (LoRA, BitFit, IA3, LN-tuning, diff pruning, masks,
 last-layer, selective and named-parameter tuning), the controller gives its control as laws on weights
 (``Controller.weight_laws``). Merging applies them in place and stops the delta's hooks, so the merged model
@@ -19,17 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltactl.control.attach import Delta, _reinstall
 
-
-def merge(delta: Delta) -> None:
-    """θ ← G(θ) for every weight the delta changes; the delta then acts through the weights only."""
-    delta._check_attached()
-    if delta.merged:
-        raise RuntimeError(f"delta {delta.name!r} is already merged")
-    if not delta.active:
-        raise RuntimeError(f"delta {delta.name!r} is disabled; enable it before merging")
-    writes = [_resolve(delta.model, site, attribute, law) for site, attribute, law in delta.controller.weight_laws()]
+def write_weights(model, weight_laws) -> list:
+    """θ ← law(θ) in place for every (site, attribute, law) of ``weight_laws``; returns what ``restore_weights`` needs
+    to put the replaced weights back: (module, attribute, the old weight or None where none existed)."""
+    writes = [_resolve(model, site, attribute, law) for site, attribute, law in weight_laws]
     saved = []
     with torch.no_grad():
         for module, attribute, law in writes:
@@ -44,22 +41,17 @@ def merge(delta: Delta) -> None:
             else:
                 saved.append((module, attribute, old.detach().clone()))
                 old.copy_(new)
-    delta._merged = saved
-    _reinstall(delta.model, delta)
+    return saved
 
 
-def unmerge(delta: Delta) -> None:
-    """Put back the exact weights the merge replaced, and the delta's hooks."""
-    if not delta.merged:
-        raise RuntimeError(f"delta {delta.name!r} is not merged")
+def restore_weights(saved: list) -> None:
+    """Put back, bit for bit, the weights ``write_weights`` replaced (last written first)."""
     with torch.no_grad():
-        for module, attribute, old in reversed(delta._merged):
+        for module, attribute, old in reversed(saved):
             if old is None:
                 module._parameters[attribute] = None  # as it was: registered, holding None
             else:
                 module._parameters[attribute].copy_(old)
-    delta._merged = None
-    _reinstall(delta.model, delta)
 
 
 def _resolve(model, site, attribute, law):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from deltactl.control.sites import Site, select
+from deltactl.backbones.sites import Site, select
 
 
 @dataclass(frozen=True)

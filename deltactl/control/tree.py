@@ -6,7 +6,7 @@ import fnmatch
 
 from deltactl.backbones import backbone_for
 from deltactl.control.accounting import count
-from deltactl.control.attach import attached_deltas
+from deltactl.control.root import attached_deltas
 
 
 def _describe(site) -> str:

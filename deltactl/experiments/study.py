@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from deltactl.tasks.data import cache_root
+
 
 def parser(description: str) -> argparse.ArgumentParser:
     """The standard flags of experiments/README.md: --quick, --out, --data, --plot-only."""
@@ -133,11 +135,6 @@ def begin(folder: Path, args, plot: Callable[[dict, Path], None]) -> tuple[str, 
         plot(load_results(out), out / "figure.png")
         return None
     return mode(args), out, settings(folder, mode(args))
-
-
-def cache_root() -> Path:
-    """``$DELTACTL_CACHE``, else ``~/.cache/deltactl``: run folders and pre-trained checkpoints, outside the repo."""
-    return Path(os.environ.get("DELTACTL_CACHE") or Path.home() / ".cache" / "deltactl")
 
 
 def work_dir(study: str, args) -> Path:

@@ -27,6 +27,11 @@ class Example:
     label: str
 
 
+def cache_root() -> Path:
+    """``$DELTACTL_CACHE``, else ``~/.cache/deltactl``: run folders and pre-trained checkpoints, outside the repo."""
+    return Path(os.environ.get("DELTACTL_CACHE") or Path.home() / ".cache" / "deltactl")
+
+
 def data_dir(path: str | os.PathLike | None = None) -> Path:
     """The data folder: `path`, else $DELTACTL_DATA, else ../shared/data from the cwd, then from the repository root.
 

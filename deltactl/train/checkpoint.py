@@ -1,4 +1,8 @@
-"""Resumable training state on disk: tensors in safetensors, the rest in JSON, replaced atomically."""
+"""Resumable training state on disk: tensors in safetensors, the rest in JSON, replaced atomically.
+
+The JSON holds a content hash of every tensor and of itself; loading refuses a checkpoint whose files no longer
+match (a flipped bit would otherwise resume silently from wrong optimiser moments or δ).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from deltactl.control.io import readable_dir, replace_dir, staging_dir
+from deltactl.control.io import meta_digest, readable_dir, replace_dir, staging_dir, tensor_digest
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
@@ -47,6 +52,8 @@ def save_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, progres
     meta = {"progress": progress, "optimizer": opt_scalars, "scheduler": scheduler.state_dict()}
     if scaler is not None:
         meta["scaler"] = scaler.state_dict()
+    meta["tensors_sha256"] = tensor_digest(tensors)
+    meta["sha256"] = meta_digest(meta)
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     replace_dir(folder)  # fsyncs, then swaps by renames
 
@@ -54,12 +61,21 @@ def save_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, progres
 def load_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, scaler=None) -> dict:
     """Restore parameters, optimizer, scheduler, loss scaler and RNG from ``folder``; returns the saved progress."""
     folder = readable_dir(folder)  # checkpoint.old if a kill came between the two renames
-    tensors = load_file(str(folder / "state.safetensors"))
+    tensor_file, config_file = folder / "state.safetensors", folder / "state.json"
+    damaged = "the checkpoint is damaged; start the run afresh (--fresh, or a new --out)"
     try:
-        meta = json.loads((folder / "state.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{folder / 'state.json'} is not valid JSON ({err}): the checkpoint is damaged; start "
-                         "the run afresh in a new --out") from None
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}): {damaged}") from None
+    try:
+        tensors = load_file(str(tensor_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{tensor_file} cannot be read as safetensors ({err}): {damaged}") from None
+    if "sha256" in meta:  # checkpoints written before content hashes load unverified
+        if meta_digest(meta) != meta["sha256"]:
+            raise ValueError(f"{config_file} does not match its stored content hash: {damaged}")
+        if tensor_digest(tensors) != meta["tensors_sha256"]:
+            raise ValueError(f"{tensor_file} does not match the content hash stored in {config_file.name}: {damaged}")
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(tensors[f"param/{name}"])

@@ -69,7 +69,7 @@ class PretrainConfig:
 
 
 def default_dir(size: str) -> Path:
-    from deltactl.experiments.study import cache_root
+    from deltactl.tasks.data import cache_root
 
     return cache_root() / f"t5-{size}"
 

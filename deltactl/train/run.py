@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import deltactl as dc
-from deltactl.control.io import _base_fingerprint, readable_dir, recover_dir, replace_dir, staging_dir, write_atomic
+from deltactl.control.io import base_fingerprint, readable_dir, recover_dir, replace_dir, staging_dir, write_atomic
 from deltactl.tasks import get_task
 from deltactl.tasks.templates import blank_token, templated
 from deltactl.train.loop import Outcome, TrainConfig, fit
@@ -201,7 +201,7 @@ def data_files(spec: RunSpec, data=None) -> dict[str, Path]:
 def run_inputs(spec: RunSpec, backbone, data=None) -> dict:
     """What a run reads besides its options: the SHA-256 of each data file and the base model's fingerprint."""
     hashes = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in data_files(spec, data).items()}
-    return {"data": hashes, "base": _base_fingerprint(backbone)}
+    return {"data": hashes, "base": base_fingerprint(backbone)}
 
 
 FRESH_HINT = "rerun with --fresh to start the run anew (the old folder is kept beside it), or pass a new --out"
