@@ -212,23 +212,87 @@ def test_the_paper_studies_are_discovered_with_all_settings():
         assert {"quick", "full"} <= set(studies[name].config), name
 
 
-@pytest.mark.parametrize("name", STUDIES)
-def test_committed_figures_regenerate_from_their_json(name, tmp_path):
-    study = discover()[name]
-    if not study.committed.exists():
-        pytest.skip(f"experiments/{name}/results/ holds no results.json")
-    (tmp_path / "results.json").write_text(study.committed.read_text())
-    # in-process (a subprocess would spend seconds importing torch): the script's own measure/plot via study.main
-    spec = importlib.util.spec_from_file_location(f"study_{name}", study.script)
+def _numbers(obj) -> list[float]:
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [float(obj)]
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _numbers(v)]
+    return []
+
+
+def _scaled(obj, factor):
+    """The JSON with every non-integer number scaled (counts, sizes and seeds, being integers, are kept)."""
+    if isinstance(obj, float):
+        return obj * factor
+    if isinstance(obj, dict):
+        return {k: _scaled(v, factor) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scaled(v, factor) for v in obj]
+    return obj
+
+
+def _plotted(fig) -> list[float]:
+    """Every finite y value the figure shows: lines (also error bars), bars, scatter points, images."""
+    import numpy as np
+
+    values = []
+    for ax in fig.axes:
+        for line in ax.lines:
+            values += np.asarray(line.get_ydata(), dtype=float).ravel().tolist()
+        values += [float(p.get_height()) for p in ax.patches if hasattr(p, "get_height")]
+        for points in ax.collections:
+            offsets = np.asarray(points.get_offsets())
+            values += offsets[:, 1].tolist() if offsets.ndim == 2 and len(offsets) else []
+        for image in ax.images:
+            values += np.asarray(image.get_array(), dtype=float).ravel().tolist()
+    return [v for v in values if np.isfinite(v)]
+
+
+def _replot(study, payload, folder, monkeypatch) -> list[float]:
+    import matplotlib.figure
+
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(payload))
+    spec = importlib.util.spec_from_file_location(f"study_{study.folder.name}", study.script)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)  # defines measure/plot; main() runs only under __main__
+    figures, save = [], matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):  # the figure as saved, so its plotted data can be read back
+        figures.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
 
     def measure(cfg, args):
         raise AssertionError("--plot-only must not measure")
 
-    argv = ["--plot-only", "--out", str(tmp_path)]
+    argv = ["--plot-only", "--out", str(folder)]
     assert st.main(study.folder, measure, script.plot, argv=argv, configure=getattr(script, "configure", None)) == 0
-    assert (tmp_path / "figure.png").stat().st_size > 1000
+    monkeypatch.undo()
+    assert len(figures) == 1 and (folder / "figure.png").stat().st_size > 1000
+    return _plotted(figures[0])
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_committed_figures_regenerate_from_their_json(name, tmp_path, monkeypatch):
+    """The figure shows the committed numbers: its data is largely the JSON's own values, it is the same on a
+    replot, and it moves when the JSON's measured values move (a figure of constants or of other data fails)."""
+    study = discover()[name]
+    if not study.committed.exists():
+        pytest.skip(f"experiments/{name}/results/ holds no results.json")
+    payload = json.loads(study.committed.read_text())
+    shown = _replot(study, payload, tmp_path / "a", monkeypatch)
+    assert len(shown) >= 4, f"{name}: the figure plots {len(shown)} values"
+    stored = _numbers(payload)
+    traced = [v for v in shown if any(abs(v - n) <= 1e-9 * max(1.0, abs(n)) for n in stored)]
+    assert len(traced) >= 0.4 * len(shown), f"{name}: only {len(traced)} of {len(shown)} plotted values are in the JSON"
+    assert _replot(study, payload, tmp_path / "b", monkeypatch) == shown
+    assert _replot(study, _scaled(payload, 1.5), tmp_path / "c", monkeypatch) != shown
 
 
 def test_weights_digest_follows_the_weights_not_the_folder(tmp_path):
