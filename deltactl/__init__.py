@@ -9,6 +9,7 @@ from deltactl.control.io import fingerprint
 from deltactl.control.load import load
 from deltactl.control.peft_format import export_peft, import_peft
 from deltactl.control.root import attached_deltas, deltas
+from deltactl.control.rows import per_row
 from deltactl.control.tree import tree
 from deltactl.methods import REGISTRY, DeltaConfig, make_config, register
 from deltactl.methods.adapter import AdapterConfig
@@ -23,5 +24,5 @@ __all__ = [
     "AdapterConfig", "BitFitConfig", "Controller", "Delta", "DeltaConfig", "LoRAConfig", "PerSite", "PrefixConfig",
     "PromptConfig", "REGISTRY", "attach", "attached_deltas", "backbone_for", "chain", "count", "fingerprint",
     "load", "make_config", "register", "sum", "tree", "deltas", "use", "disable_all", "disabled", "penalty",
-    "export_peft", "import_peft",
+    "export_peft", "import_peft", "per_row",
 ]

@@ -286,6 +286,13 @@ MUTANTS = [
            "tests/test_faults.py -k changed_checkpoint", "checkpoint tensors not checked against their hash"),
     Mutant("deltactl/control/attach.py", "        restore_weights(self._merged)\n", "",
            f"{C} -k merge_equals", "unmerge forgets to restore the weights"),
+    Mutant("deltactl/control/rows.py", "index = (rows[:, None] * copies + torch.arange(copies)[None, :]).reshape(-1)",
+           "index = (rows[:, None] + torch.arange(copies)[None, :] * batch).reshape(-1)",
+           "tests/test_per_row.py", "per-row copies of a row taken as tiled, not interleaved (beam search)"),
+    Mutant("deltactl/control/rows.py", "return y.index_copy(0, index, law(part_x, y.index_select(0, index)))",
+           "return law(x, y)", "tests/test_per_row.py", "per-row law applied to every row"),
+    Mutant("deltactl/control/rows.py", "return x.index_copy(0, index, law(x.index_select(0, index)))",
+           "return law(x)", "tests/test_per_row.py", "per-row input law applied to every row"),
 ]
 
 

@@ -125,7 +125,7 @@ class Delta:
         if not self.active:
             raise RuntimeError(f"delta {self.name!r} is disabled; enable it before merging")
         self._merged = write_weights(self.model, self.controller.weight_laws())
-        _reinstall(self.model, self)
+        reinstall(self.model, self)
         return self
 
     def unmerge(self) -> "Delta":
@@ -134,7 +134,7 @@ class Delta:
             raise RuntimeError(f"delta {self.name!r} is not merged")
         restore_weights(self._merged)
         self._merged = None
-        _reinstall(self.model, self)
+        reinstall(self.model, self)
         return self
 
     def _set(self, **state) -> "Delta":
@@ -143,7 +143,7 @@ class Delta:
             raise RuntimeError(f"delta {self.name!r} is merged into the weights; unmerge it before disabling it")
         for key, value in state.items():
             setattr(self, key, value)
-        _reinstall(self.model, self)
+        reinstall(self.model, self)
         return self
 
     def _check_attached(self):
@@ -233,7 +233,7 @@ def attach(model: nn.Module, config, *, name: str | None = None, dtype: torch.dt
             model.add_module(ROOT, root)
         root[name] = controller
         root.handles[name] = delta
-        _reinstall(model, delta)
+        reinstall(model, delta)
     except BaseException:
         for d in deltas(model).values():
             for handle in reversed(d._handles or []):
@@ -249,7 +249,7 @@ def attach(model: nn.Module, config, *, name: str | None = None, dtype: torch.dt
             if model._modules.get(ROOT) is root:
                 delattr(model, ROOT)
         else:
-            _reinstall(model)  # the other deltas' laws, as before
+            reinstall(model)  # the other deltas' laws, as before
         raise
     return delta
 
@@ -277,7 +277,7 @@ def use(model, *names: str) -> None:
         raise RuntimeError(f"delta {merged[0]!r} is merged into the weights; unmerge it before switching it off")
     for delta in attached.values():
         delta.active = delta.name in names
-    _reinstall(model, *attached.values())
+    reinstall(model, *attached.values())
 
 
 def penalty(model):
@@ -311,7 +311,7 @@ class disabled:  # noqa: N801 - used as a context manager, like torch.no_grad
         use(self.model, *self.was)
 
 
-def _reinstall(model, *touched: Delta) -> None:
+def reinstall(model, *touched: Delta) -> None:
     """(Re)install the laws of every active, unmerged delta in attachment order; set what trains in ``touched``."""
     attached = deltas(model)
     for delta in reversed(list(attached.values())):
