@@ -1,0 +1,197 @@
+"""LoRA variants against real PEFT on identical weights, and the conformance contracts on each LoRA option.
+
+- rsLoRA (``rslora=True``, PEFT ``use_rslora``): scale α/√r. Logits, loss and the gradients of every A and B equal
+  PEFT's on the tiny T5 variants and BERT (float64; B randomised on both sides so the update is non-zero).
+- PiSSA / OLoRA (``init="pissa" | "olora"``, PEFT ``init_lora_weights``): PEFT refuses to initialise either in
+  float64, so the comparison runs in float32, PEFT on a deep copy whose weights it replaces by W − s B₀A₀. The
+  initial A and B are bit-identical to PEFT's; after B is moved on both sides, logits, loss and gradients agree to
+  float32 rounding (deltactl adds s (BA − B₀A₀) x to W x where PEFT computes (W − s B₀A₀) x + s BA x). In float64,
+  deltactl equals a base whose weight is replaced by W − s B₀A₀ as PEFT does it, and s B₀A₀ is the rank-r truncated
+  SVD of W (PiSSA) or s Q_r R_r (OLoRA).
+- The conformance suite (tests/test_conformance.py) runs over registered methods with their example configs; the
+  LoRA options are run through the same contract functions here, with the option added to LoRA's example config.
+"""
+
+import copy
+
+import pytest
+import test_conformance as conformance
+import torch
+from conftest import CASES, tiny_batch, tiny_t5
+from peft import LoraConfig, get_peft_model
+
+import deltactl as dc
+from deltactl.control.controller import site_key
+
+TOL = 1e-6  # float64
+PEFT_CASES = ["t5_v1_0", "t5_v1_1", "t5_wide_heads", "bert"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def peft_pair(case, ours: dict, theirs: dict, method="lora", dtype=torch.float64):
+    """(model with a deltactl delta on q and v, PEFT on an identical deep copy, the delta, [(our layer, PEFT's)])."""
+    model = CASES[case].model(dtype=dtype)
+    ref = copy.deepcopy(model)
+    delta = dc.attach(model, method, sites=("*.q", "*.v"), **ours)
+    targets = sorted({s.module.rsplit(".", 1)[-1] for s in delta.controller.sites})
+    peft_model = get_peft_model(ref, LoraConfig(target_modules=targets, lora_dropout=0.0, **theirs))
+    layers = [(delta.controller.layers[site_key(s.name)], peft_model.base_model.model.get_submodule(s.module))
+              for s in delta.controller.sites]
+    return model, peft_model, delta, layers
+
+
+def lora_tensors(ours, theirs):
+    return [(ours.A, theirs.lora_A["default"].weight), (ours.B, theirs.lora_B["default"].weight)]
+
+
+def move_b(layers, seed=7, scale=0.3):
+    """Add the same random step to B on both sides, so the update (and the gradient w.r.t. A) is non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for ours, theirs in layers:
+            step = torch.randn(ours.B.shape, generator=g, dtype=torch.float64) * scale
+            ours.B.add_(step.to(ours.B.dtype))
+            theirs.lora_B["default"].weight.add_(step.to(ours.B.dtype))
+
+
+def compare(case, model, peft_model, pairs) -> dict:
+    """Forward with labels and backward on both; max |difference| of logits, loss and the gradients of ``pairs``."""
+    batch = CASES[case].with_labels(CASES[case].batch())
+    out, ref_out = model(**batch), peft_model(**batch)
+    out.loss.backward()
+    ref_out.loss.backward()
+    assert all(ours.grad.abs().max() > 0 for ours, _ in pairs)
+    return {
+        "logits": max_diff(out.logits, ref_out.logits),
+        "loss": abs(out.loss.item() - ref_out.loss.item()),
+        "grad": max(max_diff(ours.grad, theirs.grad) for ours, theirs in pairs),
+        "grad_scale": max(ours.grad.abs().max().item() for ours, _ in pairs),
+    }
+
+
+# ---- rsLoRA ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_rslora_matches_peft(case):
+    r, alpha = 4, 8.0
+    model, peft_model, delta, layers = peft_pair(case, {"r": r, "alpha": alpha, "rslora": True},
+                                                 {"r": r, "lora_alpha": alpha, "use_rslora": True})
+    with torch.no_grad():
+        for ours, theirs in layers:
+            assert ours.scale == theirs.scaling["default"] == alpha / r**0.5
+            for mine, other in lora_tensors(ours, theirs):
+                other.copy_(mine)
+    move_b(layers)
+    diffs = compare(case, model, peft_model, [p for pair in layers for p in lora_tensors(*pair)])
+    assert max(diffs["logits"], diffs["loss"], diffs["grad"]) < TOL, diffs
+
+
+# ---- PiSSA and OLoRA ---------------------------------------------------------------------------------------------
+
+TOL32 = 2e-5  # relative to the compared values' scale: float32 rounding through a few layers
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_pissa_and_olora_match_peft_in_float32(case, init):
+    r, alpha = 2, 4.0
+    model, peft_model, delta, layers = peft_pair(case, {"r": r, "alpha": alpha, "init": init},
+                                                 {"r": r, "lora_alpha": alpha, "init_lora_weights": init},
+                                                 dtype=torch.float32)
+    base = CASES[case].model(dtype=torch.float32)
+    for (ours, theirs), site in zip(layers, delta.controller.sites):
+        for mine, other in lora_tensors(ours, theirs):
+            assert torch.equal(mine, other)  # the same initial factors, bit for bit
+        assert torch.equal(ours.A0, ours.A) and torch.equal(ours.B0, ours.B)
+        # PEFT replaced its copy's weight; deltactl left the model's weight alone
+        assert torch.equal(model.get_submodule(site.module).weight, base.get_submodule(site.module).weight)
+        assert not torch.equal(theirs.base_layer.weight, base.get_submodule(site.module).weight)
+    move_b(layers)
+    diffs = compare(case, model, peft_model, [p for pair in layers for p in lora_tensors(*pair)])
+    batch = CASES[case].batch()
+    scale = model(**batch).logits.abs().max().item()
+    assert diffs["logits"] < TOL32 * scale and diffs["grad"] < TOL32 * diffs["grad_scale"], diffs
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_equal_the_replaced_weight_in_float64(init):
+    r, alpha = 3, 6.0
+    model, batch = tiny_t5(), tiny_batch()
+    reference = copy.deepcopy(model)
+    delta = dc.attach(model, "lora", r=r, alpha=alpha, init=init)
+    with torch.no_grad():
+        for site in delta.controller.sites:
+            layer = delta.controller.layers[site_key(site.name)]
+            W = reference.get_submodule(site.module).weight
+            initial = layer.scale * layer.B0 @ layer.A0
+            if init == "pissa":  # s B₀A₀ is the rank-r truncated SVD of W
+                U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+                torch.testing.assert_close(initial, U[:, :r] @ torch.diag(S[:r]) @ Vh[:r], atol=1e-12, rtol=0)
+            else:  # B₀ has orthonormal columns, A₀ is upper triangular
+                torch.testing.assert_close(layer.B0.T @ layer.B0, torch.eye(r, dtype=W.dtype), atol=1e-12, rtol=0)
+                assert torch.equal(layer.A0, layer.A0.triu())
+            W.sub_(initial)  # PEFT's residual weight, formed in float64
+            layer.B.add_(torch.randn_like(layer.B) * 0.3)
+    plain = dc.attach(reference, "lora", r=r, alpha=alpha)
+    with torch.no_grad():
+        for site in plain.controller.sites:
+            mine, theirs = plain.controller.layers[site_key(site.name)], delta.controller.layers[site_key(site.name)]
+            mine.A.copy_(theirs.A)
+            mine.B.copy_(theirs.B)
+    assert max_diff(model(**batch).logits, reference(**batch).logits) < 1e-12
+
+
+def test_init_and_rank_are_checked():
+    with pytest.raises(ValueError, match="init must be one of default, pissa, olora; got 'svd'"):
+        dc.attach(tiny_t5(), "lora", init="svd")
+    with pytest.raises(ValueError, match=r"r = 9 > 8"):  # q is 16 → 8 on the tiny T5
+        dc.attach(tiny_t5(), "lora", r=9, init="pissa")
+
+
+# ---- the conformance contracts on each LoRA option ---------------------------------------------------------------
+
+# Smaller scales than LoRA's default 16/2 where the suite's random δ (entries 0.3) would otherwise drive the tiny T5's
+# float32 attention softmax so far that its rounding exceeds the central-difference tolerance: rsLoRA's default
+# 16/√2 (2.4e-4 vs 2e-5 relative), and OLoRA, whose law subtracts s Q_r R_r, s times the weight's leading part
+# (PiSSA divides its factors by s, so there s B₀A₀ is that part whatever s is). alpha = r gives s = 1.
+OPTIONS = {
+    "rslora": {"rslora": True, "alpha": 4.0}, "pissa": {"init": "pissa"}, "olora": {"init": "olora", "alpha": 2.0},
+}
+
+
+def with_options(monkeypatch, method, options):
+    """Make the conformance suite's example config of ``method`` carry ``options``."""
+    original = conformance.make_example
+    monkeypatch.setattr(
+        conformance, "make_example", lambda name, **kw: original(name, **({**options, **kw} if name == method else kw))
+    )
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_lora_options_meet_the_contracts(case, option, monkeypatch, tmp_path, request):
+    with_options(monkeypatch, "lora", OPTIONS[option])
+    run_contracts(case, "lora", monkeypatch, tmp_path, request)
+
+
+def run_contracts(case, method, monkeypatch, tmp_path, request):
+    conformance.test_zero_control_is_the_pretrained_model(case, method)
+    conformance.test_detach_is_bit_exact(case, method)
+    conformance.test_only_delta_trains_with_the_closed_form_count(case, method)
+    conformance.test_functional_grad_and_jvp(case, method, monkeypatch)
+    conformance.test_save_load_round_trip(case, method, tmp_path)
+    conformance.test_chain_equals_applying_one_then_the_other(case, method)
+    if (case.family, method) not in conformance.MERGE_XFAIL:  # (GPT-2's Conv1D storage: see the suite)
+        for dtype in conformance.MERGE_TOL:
+            conformance.test_merge_equals_unmerged_and_unmerge_is_exact(case, method, dtype, request)
