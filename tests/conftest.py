@@ -1,4 +1,4 @@
-"""Tiny deterministic fixtures (random init, eager attention, float64): T5 variants and BERT."""
+"""Tiny deterministic fixtures (random init, eager attention, float64): T5 variants, BERT, GPT-2 and Llama."""
 
 from dataclasses import dataclass
 
@@ -8,6 +8,12 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
     T5Config,
     T5EncoderModel,
     T5ForConditionalGeneration,
@@ -89,6 +95,71 @@ def tiny_bert_batch(seed=1, batch=2, length=6):
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
+# ---- decoder-only: GPT-2 and Llama (grouped-query attention) ------------------------------------------------------
+
+
+def tiny_gpt2_config(**overrides) -> GPT2Config:
+    fields = dict(
+        vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2, n_inner=24, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0, attn_implementation="eager",
+    )
+    fields.update(overrides)
+    return GPT2Config(**fields)
+
+
+def causal_lm_loss(logits, labels, vocab_size, ignore_index=-100, **kwargs):
+    """transformers' causal LM loss (tokens < n predict n) in the logits' dtype: its own upcasts to float32, which
+    would round a float64 model's loss to float32."""
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), shifted.reshape(-1),
+                                             ignore_index=ignore_index)
+
+
+def _decoder_only(cls, config, dtype):
+    model = cls(config).to(dtype).eval()
+    if hasattr(model, "lm_head"):
+        model._loss_function = causal_lm_loss  # read by the model's ``loss_function`` property
+    return model
+
+
+def tiny_gpt2(seed=0, dtype=torch.float64, head=True, **overrides):
+    """A GPT2LMHeadModel (its LM head tied to the token embedding), or a bare GPT2Model without ``head``."""
+    torch.manual_seed(seed)
+    return _decoder_only(GPT2LMHeadModel if head else GPT2Model, tiny_gpt2_config(**overrides), dtype)
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    fields = dict(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        attn_implementation="eager",
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def tiny_llama(seed=0, dtype=torch.float64, head=True, **overrides):
+    """A LlamaForCausalLM with grouped-query attention (4 query heads, 2 key/value heads), or a bare LlamaModel."""
+    torch.manual_seed(seed)
+    return _decoder_only(LlamaForCausalLM if head else LlamaModel, tiny_llama_config(**overrides), dtype)
+
+
+def tiny_causal_batch(seed=1, batch=2, length=6):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, length - 2 :] = 0  # one right-padded row, so masks matter
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def causal_labels(batch):
+    """The next-token labels of a causal LM batch: the tokens, −100 where padded."""
+    return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+
+DECODER_ONLY = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
 # ---- the models the conformance suite runs on --------------------------------------------------------------------
 
 
@@ -99,27 +170,38 @@ class Case:
     family: str
     variant: dict
 
+    @property
+    def decoder_only(self) -> bool:
+        return self.family in DECODER_ONLY
+
     def model(self, seed=0, **overrides):
         options = {**self.variant, **overrides}
-        return tiny_t5(seed, **options) if self.family == "t5" else tiny_bert(seed, **options)
+        make = {"t5": tiny_t5, "bert": tiny_bert, **DECODER_ONLY}[self.family]
+        return make(seed, **options)
 
     def batch(self):
-        return tiny_batch() if self.family == "t5" else tiny_bert_batch()
+        return {"t5": tiny_batch, "bert": tiny_bert_batch}.get(self.family, tiny_causal_batch)()
 
     def outputs(self, model, batch):
-        """T5: encoder states and logits; BERT: last hidden state, pooler output and classifier logits."""
+        """T5: encoder states and logits; BERT: last hidden state, pooler output and classifier logits; decoder-only:
+        the logits."""
         if self.family == "t5":
             out = model(**batch)
             return out.encoder_last_hidden_state, out.logits
+        if self.decoder_only:  # (not output_hidden_states: transformers leaves capture hooks on the blocks)
+            return (model(**batch).logits,)
         inner = model.bert(**batch)
         return inner.last_hidden_state, inner.pooler_output, model(**batch).logits
 
     def with_labels(self, batch):
+        if self.decoder_only:
+            return {**batch, "labels": causal_labels(batch)}
         labels = batch["decoder_input_ids"] if self.family == "t5" else torch.tensor([0, 2])
         return {**batch, "labels": labels}
 
 
 CASES = {f"t5_{name}": Case("t5", variant) for name, variant in VARIANTS.items()} | {"bert": Case("bert", {})}
+CASES |= {family: Case(family, {}) for family in DECODER_ONLY}
 
 
 @pytest.fixture(params=list(CASES))

@@ -59,8 +59,8 @@ def test_bad_method_and_option_errors():
         dc.attach(tiny_t5(), "lorra")
     with pytest.raises(TypeError, match="lora has no option 'rank'; its options are sites, r, alpha"):
         dc.attach(tiny_t5(), "lora", rank=4)
-    with pytest.raises(ValueError, match="model_type 'gpt2'.*supported: t5, bert"):
-        dc.backbone_for(type("M", (), {"config": type("C", (), {"model_type": "gpt2"})()})())
+    with pytest.raises(ValueError, match="model_type 'mamba'.*supported: t5, bert"):
+        dc.backbone_for(type("M", (), {"config": type("C", (), {"model_type": "mamba"})()})())
 
 
 def test_rollout_is_the_residual_trajectory():

@@ -26,12 +26,16 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert import modeling_bert
+from transformers.models.gpt2 import modeling_gpt2
+from transformers.models.llama import modeling_llama
 from transformers.models.t5 import modeling_t5
+from transformers.pytorch_utils import Conv1D
 
 VERSION = transformers.__version__
 
 __all__ = [
-    "ACT2FN", "VERSION", "attention_function", "attention_implementation", "bind_call", "eager_attention",
+    "ACT2FN", "Conv1D", "VERSION", "attention_function", "attention_implementation", "bind_call", "cache_length",
+    "eager_attention",
     "first_argument", "is_cache", "register_attention", "relative_position_bias", "relative_position_bucket",
     "replace_first_argument", "replay_call", "require_arguments", "set_attention_implementation",
 ]
@@ -39,12 +43,13 @@ __all__ = [
 
 # ---- attention ----------------------------------------------------------------------------------------------------
 
-_EAGER = {"t5": "T5", "bert": "Bert"}  # family → the prefix of its modeling module's classes
+_EAGER = {"t5": "T5", "bert": "Bert", "gpt2": "GPT2", "llama": "Llama"}  # family → its modeling classes' prefix
+_MODELING = {"t5": modeling_t5, "bert": modeling_bert, "gpt2": modeling_gpt2, "llama": modeling_llama}
 
 
 def eager_attention(family: str):
     """The family's eager attention function ``(module, query, key, value, mask, **kwargs) -> (out, weights)``."""
-    module = {"t5": modeling_t5, "bert": modeling_bert}[family]
+    module = _MODELING[family]
     function = getattr(module, "eager_attention_forward", None)
     if function is None:
         raise ImportError(
@@ -93,6 +98,11 @@ def relative_position_bucket(attention, relative_position, bidirectional: bool):
 def relative_position_bias(attention, query_length: int, key_length: int):
     """The (1, heads, q, k) position bias a T5 attention holding the relative table computes, nothing cached."""
     return attention.compute_bias(query_length, key_length)
+
+
+# ---- GPT-2's Conv1D ----------------------------------------------------------------------------------------------
+
+# GPT-2's projections are ``Conv1D`` layers: y = x W + b with W stored (in, out), the transpose of nn.Linear's.
 
 
 # ---- activations -------------------------------------------------------------------------------------------------
@@ -171,6 +181,15 @@ def replay_call(function, args, kwargs) -> dict:
 def is_cache(value) -> bool:
     """Whether ``value`` is a transformers cache object (any ``Cache``, including encoder–decoder caches)."""
     return isinstance(value, Cache)
+
+
+def cache_length(values) -> int:
+    """How many positions the cache objects among ``values`` already hold (0 when there is none, or all are empty).
+
+    A decoder-only model called with a filled cache continues a sequence (incremental decoding): rows placed before
+    the sequence are in the cache already and must not be placed again.
+    """
+    return max((v.get_seq_length() for v in values if is_cache(v)), default=0)
 
 
 def _name(function) -> str:

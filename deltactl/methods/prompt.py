@@ -18,7 +18,7 @@ class PromptConfig(DeltaConfig):
 
     method: ClassVar[str] = "prompt"
     small: ClassVar[dict] = {"length": 2}
-    sites: tuple[str, ...] = ("encoder.embed",)
+    sites: tuple[str, ...] = ("*.embed",)  # the input sequence: encoder.embed, or decoder.embed (decoder-only)
     length: int = 100
     init: str = "vocab"
     init_vocab_size: int = 5000  # sample from the most frequent tokens (low ids in sentencepiece vocabularies)

@@ -73,7 +73,9 @@ def _stack_modules(backbone) -> dict[str, nn.Module]:
         return stacks
     if backbone.family == "bert":
         return {"encoder": backbone.bert}
-    raise ValueError(f"no Pontryagin view for the {backbone.family} family; known: t5, bert")
+    if hasattr(backbone, "stack_modules"):  # decoder-only families: the called model, whose hook places prompt rows
+        return backbone.stack_modules()
+    raise ValueError(f"no Pontryagin view for the {backbone.family} family; known: t5, bert, gpt2, llama")
 
 
 def _detach(tree):
@@ -116,7 +118,8 @@ def model_system(model: nn.Module, batch: dict, loss_fn: Callable = default_loss
     """The controlled model on one batch as a ``ControlSystem`` whose controls are ``trainable_controls(model)``.
 
     Args:
-        model: a T5 or BERT model (or a task model holding one, e.g. deltactl's classifier) with deltas attached.
+        model: a T5, BERT, GPT-2 or Llama model (or a task model holding one, e.g. deltactl's classifier) with deltas
+            attached.
         batch: the keyword inputs ``loss_fn`` passes on.
         loss_fn: ``loss_fn(model, batch)`` → scalar loss (the terminal cost Φ); default ``model(**batch).loss``.
 
@@ -167,12 +170,12 @@ def model_system(model: nn.Module, batch: dict, loss_fn: Callable = default_loss
 
     for name in blocks:
         recorded[f"{name}.0"] = calls[name][0].hidden
-    if "decoder" in blocks:
+    coupled = "encoder" in blocks and "decoder" in blocks  # T5: decoder blocks read the encoder output
+    if coupled:
         compat.require_arguments(blocks["decoder"][0].forward, _ARGUMENTS["memory"])
         recorded["encoder.out"] = calls["decoder"][0].kwargs[_ARGUMENTS["memory"]]
 
     stages: list[Stage] = []
-    coupled = "decoder" in blocks
     for name, stack_blocks in blocks.items():
         stages.append(Stage(f"{name}.embed", (), f"{name}.0", _initial(model, stack_blocks[0], stack_calls[name])))
         shared_bias = backbone.family == "t5" and len(stack_blocks) > 1
@@ -182,7 +185,7 @@ def model_system(model: nn.Module, batch: dict, loss_fn: Callable = default_loss
             stages.append(Stage(f"{name}.bias", (), f"{name}.bias", _position_bias(model, stack_blocks[0],
                                                                                      recorded[f"{name}.bias"])))
         for j in range(len(stack_blocks)):
-            roles = ["memory"] if name == "decoder" else []
+            roles = ["memory"] if coupled and name == "decoder" else []
             roles += ["bias"] if shared_bias and j > 0 else []
             inputs = (f"{name}.{j}", *({"memory": "encoder.out", "bias": f"{name}.bias"}[r] for r in roles))
             stages.append(Stage(f"{name}.{j}", inputs, f"{name}.{j + 1}", _block(model, calls[name][j], tuple(roles))))
