@@ -73,27 +73,42 @@ def _layers(delta):
 
 
 def _export_lora(delta):
+    """A PiSSA/OLoRA delta, s (BA − B₀A₀), exports as PEFT converts one for saving: a plain LoRA of rank 2r with
+    A' = [A; A₀], B' = [B, −B₀] and α doubled (×√2 with rsLoRA), so that its scale stays s."""
     cfg = delta.config
+    init = getattr(cfg, "init", "default")
     tensors = {}
     for site, layer in _layers(delta):
-        tensors[f"{PREFIX}{site.module}.lora_A.weight"] = layer.A
-        tensors[f"{PREFIX}{site.module}.lora_B.weight"] = layer.B
+        A, B = layer.A, layer.B
+        if init != "default":
+            A, B = torch.cat([A, layer.A0]), torch.cat([B, -layer.B0], dim=1)
+        tensors[f"{PREFIX}{site.module}.lora_A.weight"] = A
+        tensors[f"{PREFIX}{site.module}.lora_B.weight"] = B
+    r, alpha = cfg.r, cfg.alpha
+    if init != "default":
+        r, alpha = 2 * r, alpha * (2**0.5 if cfg.rslora else 2)
     config = {
-        "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
         "target_modules": [s.module for s in delta.controller.sites], "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "use_rslora": cfg.rslora, "use_dora": False,
     }
     return config, tensors
 
 
 def _import_lora(model, config, tensors, name):
-    if config.get("use_dora") or config.get("use_rslora") or config.get("bias", "none") != "none":
-        raise ValueError("only plain LoRA imports (no DoRA, no rsLoRA, bias='none')")
+    if config.get("use_dora") or config.get("bias", "none") != "none":
+        raise ValueError("only LoRA without DoRA and with bias='none' imports as a lora delta")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError("per-module ranks or alphas (rank_pattern, alpha_pattern) do not import")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora")):
+        raise ValueError(f"this adapter was saved with init_lora_weights={init!r}: its base weights were replaced "
+                         "by W − s B₀A₀, which the adapter folder does not hold; save it from PEFT with "
+                         "path_initial_model_for_weight_conversion to get a plain LoRA")
     modules = _modules_with(tensors, ".lora_A.weight")
     delta = _attach_on_modules(model, "lora", modules, name, r=config["r"], alpha=float(config["lora_alpha"]),
-                               dropout=float(config.get("lora_dropout", 0.0)))
+                               dropout=float(config.get("lora_dropout", 0.0)),
+                               rslora=bool(config.get("use_rslora", False)))
     with torch.no_grad():
         for site, layer in _layers(delta):
             layer.A.copy_(tensors[f"{PREFIX}{site.module}.lora_A.weight"])
