@@ -55,14 +55,15 @@ def lora_tensors(ours, theirs):
     return [(ours.A, theirs.lora_A["default"].weight), (ours.B, theirs.lora_B["default"].weight)]
 
 
-def move_b(layers, seed=7, scale=0.3):
+def move_b(layers, seed=7, scale=0.3, peft=True):
     """Add the same random step to B on both sides, so the update (and the gradient w.r.t. A) is non-zero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for ours, theirs in layers:
             step = torch.randn(ours.B.shape, generator=g, dtype=torch.float64) * scale
             ours.B.add_(step.to(ours.B.dtype))
-            theirs.lora_B["default"].weight.add_(step.to(ours.B.dtype))
+            if peft:
+                theirs.lora_B["default"].weight.add_(step.to(ours.B.dtype))
 
 
 def compare(case, model, peft_model, pairs) -> dict:
@@ -195,3 +196,38 @@ def run_contracts(case, method, monkeypatch, tmp_path, request):
     if (case.family, method) not in conformance.MERGE_XFAIL:  # (GPT-2's Conv1D storage: see the suite)
         for dtype in conformance.MERGE_TOL:
             conformance.test_merge_equals_unmerged_and_unmerge_is_exact(case, method, dtype, request)
+
+
+# ---- PEFT's saved format -----------------------------------------------------------------------------------------
+
+
+def t5_logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("options", [{"rslora": True}, {"init": "pissa"}, {"init": "olora", "rslora": True}],
+                         ids=["rslora", "pissa", "olora_rslora"])
+def test_export_loads_in_peft_with_the_same_outputs(tmp_path, options):
+    from peft import PeftModel
+
+    model, batch = tiny_t5(), tiny_batch()
+    reference = copy.deepcopy(model)
+    delta = dc.attach(model, "lora", r=2, alpha=4.0, **options)
+    move_b([(layer, None) for layer in delta.controller.layers.values()], peft=False)
+    ours = t5_logits(model, batch)
+    assert max_diff(ours, t5_logits(reference, batch)) > 1e-3
+    dc.export_peft(delta, tmp_path)
+    peft_model = PeftModel.from_pretrained(reference, tmp_path)  # on the original weights: PiSSA exports as rank 2r
+    assert max_diff(t5_logits(peft_model, batch), ours) < 1e-12
+
+
+def test_rslora_adapter_imports_with_its_outputs(tmp_path):
+    model, batch = tiny_t5(), tiny_batch()
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"],
+                                                                 use_rslora=True, init_lora_weights=False))
+    expected = t5_logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path)
+    delta = dc.import_peft(model, tmp_path)
+    assert delta.config.rslora and delta.config.r == 4
+    assert max_diff(t5_logits(model, batch), expected) < 1e-12
