@@ -13,6 +13,7 @@ from deltactl.control.rows import per_row
 from deltactl.control.tree import tree
 from deltactl.methods import REGISTRY, DeltaConfig, make_config, register
 from deltactl.methods.adapter import AdapterConfig
+from deltactl.methods.arithmetic import combine, negate
 from deltactl.methods.bitfit import BitFitConfig
 from deltactl.methods.lora import LoRAConfig
 from deltactl.methods.prefix import PrefixConfig
@@ -24,5 +25,5 @@ __all__ = [
     "AdapterConfig", "BitFitConfig", "Controller", "Delta", "DeltaConfig", "LoRAConfig", "PerSite", "PrefixConfig",
     "PromptConfig", "REGISTRY", "attach", "attached_deltas", "backbone_for", "chain", "count", "fingerprint",
     "load", "make_config", "register", "sum", "tree", "deltas", "use", "disable_all", "disabled", "penalty",
-    "export_peft", "import_peft", "per_row",
+    "export_peft", "import_peft", "per_row", "combine", "negate",
 ]

@@ -293,6 +293,15 @@ MUTANTS = [
            "return law(x, y)", "tests/test_per_row.py", "per-row law applied to every row"),
     Mutant("deltactl/control/rows.py", "return x.index_copy(0, index, law(x.index_select(0, index)))",
            "return law(x)", "tests/test_per_row.py", "per-row input law applied to every row"),
+    Mutant("deltactl/methods/arithmetic.py", "torch.cat([w * lay.scale * lay.A.detach()",
+           "torch.cat([w * lay.A.detach()", "tests/test_arithmetic.py", "LoRA cat forgets each delta's scale"),
+    Mutant("deltactl/methods/arithmetic.py", "base + sum(w * (s[key] - base) for w, s in zip(weights, states))",
+           "sum(w * s[key] for w, s in zip(weights, states))", "tests/test_arithmetic.py",
+           "linear combination ignores the identity control (IA3's 1)"),
+    Mutant("deltactl/methods/arithmetic.py", "U[:, :r] * S[:r]", "U[:, :r]", "tests/test_arithmetic.py",
+           "SVD combination drops the singular values"),
+    Mutant("deltactl/methods/arithmetic.py", "math.copysign(math.sqrt(abs(ws)), ws)", "math.sqrt(abs(ws))",
+           "tests/test_arithmetic.py", "LoRA linear loses a negative weight's sign"),
 ]
 
 
