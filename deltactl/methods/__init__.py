@@ -6,6 +6,7 @@ from deltactl.methods import (  # noqa: F401 - registration
     bitfit,
     compacter,
     diff_pruning,
+    dora,
     ia3,
     last_layer,
     ln_tuning,
