@@ -3,7 +3,8 @@ import PEFT adapters as deltactl deltas.
 
 A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors``; its tensors are named
 ``base_model.model.<module path>.<lora_A.weight | lora_B.weight | ia3_l>`` for LoRA and IA3, and
-``prompt_embeddings`` for prompt- and prefix-tuning. An export loads with ``PeftModel.from_pretrained`` on the
+``prompt_embeddings`` for prompt- and prefix-tuning; DoRA (a LoRA with ``use_dora``) adds
+``<module path>.lora_magnitude_vector``, its m. An export loads with ``PeftModel.from_pretrained`` on the
 same base model and computes the same outputs.
 
 What the format cannot hold is refused, not approximated: PEFT's prefix-tuning on T5 acts in decoder
@@ -29,13 +30,13 @@ from deltactl.control.controller import site_key
 from deltactl.control.registry import make_config
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
-SUPPORTED = ("lora", "ia3", "prompt", "prefix")
+SUPPORTED = ("lora", "ia3", "prompt", "prefix")  # lora with its variants: rsLoRA, PiSSA/OLoRA init, and dora
 
 
 def export_peft(delta: Delta, folder) -> Path:
-    """Write ``delta`` to ``folder`` in PEFT's format. Args: delta an attached LoRA/IA3/prompt/prefix delta."""
+    """Write ``delta`` to ``folder`` in PEFT's format. Args: delta an attached LoRA/DoRA/IA3/prompt/prefix delta."""
     method = delta.config.method
-    if method not in SUPPORTED:
+    if method not in _EXPORT:
         raise ValueError(f"PEFT export covers {', '.join(SUPPORTED)}; this delta is {method!r}")
     config, tensors = _EXPORT[method](delta)
     folder = Path(folder)
@@ -47,7 +48,7 @@ def export_peft(delta: Delta, folder) -> Path:
 
 
 def import_peft(model, folder, *, name: str | None = None) -> Delta:
-    """Attach the PEFT adapter saved in ``folder`` to ``model`` as a deltactl delta (LoRA, IA3, prompt, prefix)."""
+    """Attach the PEFT adapter saved in ``folder`` to ``model`` as a deltactl delta (LoRA/DoRA, IA3, prompt, prefix)."""
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: expected {CONFIG} and {WEIGHTS}")
@@ -90,14 +91,17 @@ def _export_lora(delta):
     config = {
         "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
         "target_modules": [s.module for s in delta.controller.sites], "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "use_rslora": cfg.rslora, "use_dora": False,
+        "init_lora_weights": True, "use_rslora": cfg.rslora, "use_dora": cfg.method == "dora",
     }
+    if cfg.method == "dora":  # PEFT's lora_magnitude_vector is DoRA's m
+        for site, layer in _layers(delta):
+            tensors[f"{PREFIX}{site.module}.lora_magnitude_vector"] = layer.m
     return config, tensors
 
 
 def _import_lora(model, config, tensors, name):
-    if config.get("use_dora") or config.get("bias", "none") != "none":
-        raise ValueError("only LoRA without DoRA and with bias='none' imports as a lora delta")
+    if config.get("bias", "none") != "none":
+        raise ValueError("only LoRA with bias='none' imports")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError("per-module ranks or alphas (rank_pattern, alpha_pattern) do not import")
     init = config.get("init_lora_weights", True)
@@ -106,13 +110,16 @@ def _import_lora(model, config, tensors, name):
                          "by W − s B₀A₀, which the adapter folder does not hold; save it from PEFT with "
                          "path_initial_model_for_weight_conversion to get a plain LoRA")
     modules = _modules_with(tensors, ".lora_A.weight")
-    delta = _attach_on_modules(model, "lora", modules, name, r=config["r"], alpha=float(config["lora_alpha"]),
+    method = "dora" if config.get("use_dora") else "lora"
+    delta = _attach_on_modules(model, method, modules, name, r=config["r"], alpha=float(config["lora_alpha"]),
                                dropout=float(config.get("lora_dropout", 0.0)),
                                rslora=bool(config.get("use_rslora", False)))
     with torch.no_grad():
         for site, layer in _layers(delta):
             layer.A.copy_(tensors[f"{PREFIX}{site.module}.lora_A.weight"])
             layer.B.copy_(tensors[f"{PREFIX}{site.module}.lora_B.weight"])
+            if method == "dora":
+                layer.m.copy_(tensors[f"{PREFIX}{site.module}.lora_magnitude_vector"])
     return delta
 
 
@@ -297,5 +304,7 @@ def _attach_on_modules(model, method, modules, name, **options):
     return attach(model, config, name=name)
 
 
-_EXPORT = {"lora": _export_lora, "ia3": _export_ia3, "prompt": _export_prompt, "prefix": _export_prefix}
+_EXPORT = {
+    "lora": _export_lora, "dora": _export_lora, "ia3": _export_ia3, "prompt": _export_prompt, "prefix": _export_prefix,
+}
 _IMPORT = {"LORA": _import_lora, "IA3": _import_ia3, "PROMPT_TUNING": _import_prompt, "PREFIX_TUNING": _import_prefix}
