@@ -333,3 +333,22 @@ def test_dora_refuses_to_merge_into_conv1d():
 def test_dora_meets_the_contracts(case, detach_norm, monkeypatch, tmp_path, request):
     with_options(monkeypatch, "dora", {"detach_norm": detach_norm})
     run_contracts(case, "dora", monkeypatch, tmp_path, request, exact_gradient=not detach_norm)
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["dora", "dora_rslora"])
+def test_dora_export_and_import_round_trip_through_peft(tmp_path, rslora):
+    from peft import PeftModel
+
+    model, batch = tiny_t5(), tiny_batch()
+    reference, other = copy.deepcopy(model), copy.deepcopy(model)
+    delta = dc.attach(model, "dora", r=2, alpha=4.0, rslora=rslora)
+    conformance.perturb(delta)
+    ours = t5_logits(model, batch)
+    dc.export_peft(delta, tmp_path / "out")
+    peft_model = PeftModel.from_pretrained(reference, tmp_path / "out")
+    assert max_diff(t5_logits(peft_model, batch), ours) < 1e-12
+
+    peft_model.save_pretrained(tmp_path / "back")  # PEFT's own save, imported
+    imported = dc.import_peft(other, tmp_path / "back")
+    assert (imported.config.method, imported.config.rslora) == ("dora", rslora)
+    assert max_diff(t5_logits(other, batch), ours) < 1e-12
