@@ -352,3 +352,26 @@ def test_dora_export_and_import_round_trip_through_peft(tmp_path, rslora):
     imported = dc.import_peft(other, tmp_path / "back")
     assert (imported.config.method, imported.config.rslora) == ("dora", rslora)
     assert max_diff(t5_logits(other, batch), ours) < 1e-12
+
+
+# ---- closed-form parameter counts on the T5-base shape (as tests/test_counts.py) ---------------------------------
+
+D, L = 768, 12  # T5-base: d_model (= heads·d_kv), layers per stack; q and v of 3L attentions
+COUNTS = {
+    ("lora", (("rslora", True),)): 3 * L * 2 * 8 * (D + D),  # rsLoRA changes the scale, not the size
+    ("lora", (("init", "pissa"),)): 3 * L * 2 * 8 * (D + D),  # A₀, B₀ are buffers, not δ
+    ("dora", ()): 3 * L * 2 * (8 * (D + D) + D),  # r(d_in + d_out) + d_out (m) per site
+}
+
+
+@pytest.mark.parametrize(("method", "options"), list(COUNTS))
+def test_closed_form_counts(method, options):
+    from transformers import T5ForConditionalGeneration
+
+    from deltactl.control.accounting import closed_form
+    from deltactl.methods import make_config
+    from deltactl.shapes import t5_config
+
+    with torch.device("meta"):
+        backbone = dc.backbone_for(T5ForConditionalGeneration(t5_config("t5-base")))
+    assert closed_form(make_config(method, **dict(options)), backbone) == COUNTS[method, options]
