@@ -11,6 +11,8 @@
 - DoRA (method ``dora``, PEFT ``use_dora``): m copied (and moved) with A and B; the initial m equals PEFT's bit for
   bit; logits, loss and the gradients of A, B and m equal PEFT's (float64, T5 variants and BERT), and so do the merged
   weights. PEFT detaches the norm ‖W + s BA‖ from the gradient, and so does deltactl by default.
+- VeRA (method ``vera``, PEFT ``VeraConfig``): the seeded shared projections and the starting b, d equal PEFT's bit for
+  bit; after moving b and d on both sides, logits, loss and their gradients equal PEFT's (float64).
 - The conformance suite (tests/test_conformance.py) runs over registered methods with their example configs; the
   LoRA options are run through the same contract functions here, with the option added to LoRA's example config.
 """
@@ -361,6 +363,7 @@ COUNTS = {
     ("lora", (("rslora", True),)): 3 * L * 2 * 8 * (D + D),  # rsLoRA changes the scale, not the size
     ("lora", (("init", "pissa"),)): 3 * L * 2 * 8 * (D + D),  # A₀, B₀ are buffers, not δ
     ("dora", ()): 3 * L * 2 * (8 * (D + D) + D),  # r(d_in + d_out) + d_out (m) per site
+    ("vera", ()): 3 * L * 2 * (D + 256),  # b (d_out) and d (r) per site; A and B are shared frozen buffers
 }
 
 
@@ -375,3 +378,40 @@ def test_closed_form_counts(method, options):
     with torch.device("meta"):
         backbone = dc.backbone_for(T5ForConditionalGeneration(t5_config("t5-base")))
     assert closed_form(make_config(method, **dict(options)), backbone) == COUNTS[method, options]
+
+
+# ---- VeRA --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_vera_matches_peft(case):
+    from peft import VeraConfig
+
+    r = 4
+    model = CASES[case].model()
+    ref = copy.deepcopy(model)
+    delta = dc.attach(model, "vera", r=r, sites=("*.q", "*.v"))
+    targets = sorted({s.module.rsplit(".", 1)[-1] for s in delta.controller.sites})
+    peft_model = get_peft_model(ref, VeraConfig(r=r, target_modules=targets, vera_dropout=0.0))
+    ctl = delta.controller
+    their_layers = [peft_model.base_model.model.get_submodule(s.module) for s in ctl.sites]
+    # the same seeded projections and starting vectors, bit for bit
+    assert torch.equal(ctl.A, their_layers[0].vera_A["default"])
+    assert torch.equal(ctl.B, their_layers[0].vera_B["default"])
+    pairs = []
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for site, theirs in zip(ctl.sites, their_layers):
+            key = site_key(site.name)
+            for ours, other in ((ctl.b[key], theirs.vera_lambda_b["default"]),
+                                (ctl.d[key], theirs.vera_lambda_d["default"])):
+                assert torch.equal(ours, other.to(ours.dtype))
+                ours.add_(torch.randn(ours.shape, generator=g, dtype=ours.dtype) * 0.3)
+                other.copy_(ours)
+                pairs.append((ours, other))
+    diffs = compare(case, model, peft_model, pairs)
+    assert max(diffs["logits"], diffs["loss"], diffs["grad"]) < TOL, diffs
+
+
+def test_vera_meets_the_contracts(case, monkeypatch, tmp_path, request):
+    run_contracts(case, "vera", monkeypatch, tmp_path, request)

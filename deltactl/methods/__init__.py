@@ -19,6 +19,7 @@ from deltactl.methods import (  # noqa: F401 - registration
     prefix,
     prompt,
     selective,
+    vera,
 )
 
 __all__ = ["REGISTRY", "DeltaConfig", "Method", "get", "make_config", "make_example", "register"]
