@@ -335,20 +335,9 @@ MERGE_SITES = {(family, "bitfit"): {"sites": ("*.q", "*.wo")} for family in ("t5
 MERGE_TOL = {torch.float64: 1e-10, torch.bfloat16: 2**-5}
 
 
-# GPT-2's projections are Conv1D layers (weights stored (in, out)) and its q, k, v are column slices of one fused
-# layer, while deltactl.control.merge writes a law on an nn.Linear-layout weight straight into the site's module, so
-# these merges do not fit (a shape error; on the square attn.o a silently transposed update). GPT2Backbone.weight_target
-# translates a law to the storage (tests/test_gpt2_backbone.py merges through it); strict, so routing merge through it
-# turns these red.
-MERGE_XFAIL = {("gpt2", m): "merge does not translate laws to GPT-2's Conv1D storage"
-               for m in ("bitfit", "ia3", "lora")}
-
-
 @pytest.mark.parametrize("dtype", list(MERGE_TOL), ids=str)
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_equals_unmerged_and_unmerge_is_exact(case, method, dtype, request):
-    if (case.family, method) in MERGE_XFAIL:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=MERGE_XFAIL[(case.family, method)]))
     model, batch = case.model().to(dtype), case.batch()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     delta = dc.attach(model, case_config(case, method, **MERGE_SITES.get((case.family, method), {})))

@@ -201,9 +201,8 @@ def run_contracts(case, method, monkeypatch, tmp_path, request, exact_gradient=T
         functional_agrees_with_autograd(case, method)
     conformance.test_save_load_round_trip(case, method, tmp_path)
     conformance.test_chain_equals_applying_one_then_the_other(case, method)
-    if (case.family, method) not in conformance.MERGE_XFAIL:  # (GPT-2's Conv1D storage: see the suite)
-        for dtype in conformance.MERGE_TOL:
-            conformance.test_merge_equals_unmerged_and_unmerge_is_exact(case, method, dtype, request)
+    for dtype in conformance.MERGE_TOL:
+        conformance.test_merge_equals_unmerged_and_unmerge_is_exact(case, method, dtype, request)
 
 
 def functional_agrees_with_autograd(case, method):
@@ -323,12 +322,28 @@ def test_dora_detached_norm_gradient():
                 assert relative > 1e-3, (detach, name, directional, difference)
 
 
-def test_dora_refuses_to_merge_into_conv1d():
+@pytest.mark.parametrize("method", ["dora", "vera"])
+def test_merge_into_gpt2_conv1d_slices_equals_the_unmerged_delta(method):
+    """GPT-2 stores (in, out) and fuses q, k, v: merging writes each law through Backbone.weight_target."""
     from conftest import tiny_gpt2
 
-    delta = dc.attach(tiny_gpt2(), "dora", r=2)
-    with pytest.raises(conformance.NotMergeable, match="Conv1D"):
+    model = tiny_gpt2()
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    delta = dc.attach(model, method, r=2, sites=("*.attn.q", "*.attn.v", "*.attn.o", "*.ffn.wi"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        unmerged = model(input_ids=ids).logits
         delta.merge()
+        torch.testing.assert_close(model(input_ids=ids).logits, unmerged, atol=1e-10, rtol=0)
+    assert (unmerged - base).abs().max() > 1e-3
+    delta.unmerge()
+    delta.detach()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])

@@ -51,6 +51,11 @@ class Backbone(ABC):
     def module(self, site: Site) -> nn.Module:
         return self.model.get_submodule(site.module)
 
+    def weight_target(self, site: Site, attribute: str, law):
+        """(module, attribute, law) that merging writes: ``law`` maps the site's weight in nn.Linear layout (out, in)
+        or its bias. Families that store weights otherwise (GPT-2's transposed, fused Conv1D) translate the law."""
+        return self.module(site), attribute, law
+
     def input_embeddings(self) -> nn.Embedding:
         """The token embedding table the input sequence is looked up in."""
         return self.model.get_input_embeddings()

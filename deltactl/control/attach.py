@@ -124,7 +124,7 @@ class Delta:
             raise RuntimeError(f"delta {self.name!r} is already merged")
         if not self.active:
             raise RuntimeError(f"delta {self.name!r} is disabled; enable it before merging")
-        self._merged = write_weights(self.model, self.controller.weight_laws())
+        self._merged = write_weights(self.backbone, self.controller.weight_laws())
         reinstall(self.model, self)
         return self
 

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 
-def write_weights(model, weight_laws) -> list:
-    """θ ← law(θ) in place for every (site, attribute, law) of ``weight_laws``; returns what ``restore_weights`` needs
-    to put the replaced weights back: (module, attribute, the old weight or None where none existed)."""
-    writes = [_resolve(model, site, attribute, law) for site, attribute, law in weight_laws]
+def write_weights(backbone, weight_laws) -> list:
+    """θ ← law(θ) in place for every (site, attribute, law) of ``weight_laws``, into the weights as the backbone
+    stores them (``Backbone.weight_target``); returns what ``restore_weights`` needs to put the replaced weights
+    back: (module, attribute, the old weight or None where none existed)."""
+    writes = [_resolve(backbone, site, attribute, law) for site, attribute, law in weight_laws]
     saved = []
     with torch.no_grad():
         for module, attribute, law in writes:
@@ -54,9 +55,9 @@ def restore_weights(saved: list) -> None:
                 module._parameters[attribute].copy_(old)
 
 
-def _resolve(model, site, attribute, law):
+def _resolve(backbone, site, attribute, law):
     """(module, attribute, law) for a law at a site: parameter sites name their parameter, others their module's."""
-    module = model.get_submodule(site.module)
+    module, attribute, law = backbone.weight_target(site, attribute, law)
     if attribute not in module._parameters:
         raise ValueError(
             f"cannot merge into {site.name!r}: its module {type(module).__name__} has no {attribute!r} to write "

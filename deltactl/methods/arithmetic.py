@@ -128,9 +128,9 @@ def _plain(config, r: int):
 def _check_default_lora(parts, how):
     for p in parts:
         init = getattr(p.config, "init", "default")
-        if init != "default" or getattr(p.config, "dora", False):
+        if init != "default":
             raise ValueError(f"combination {how!r} reads A and B as a plain LoRA's; delta {p.name!r} has "
-                             f"init={init!r}{' and DoRA' if getattr(p.config, 'dora', False) else ''}: use how='svd'")
+                             f"init={init!r} (its update is s(BA − B₀A₀)): use how='svd'")
 
 
 def _lora_linear(parts, weights):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltactl.control.controller import NotMergeable, PerSite
+from deltactl.control.controller import PerSite
 from deltactl.control.registry import DeltaConfig, register
 from deltactl.methods.lora import lora_scale, site_weight
 
@@ -75,10 +75,6 @@ class DoRALayer(nn.Module):
         return (y + (g - 1) * base + g * F.linear(F.linear(x, self.A), self.B) * self.scale).to(y.dtype)
 
     def weight_laws(self, site):
-        if not isinstance(self._module[0], nn.Linear):
-            raise NotMergeable(f"dora at {site.name}: merging writes nn.Linear-layout weights, and this layer stores "
-                               "its weight transposed (GPT-2's Conv1D), so it cannot be merged")
-
         def law(W):
             updated = W.to(self.A.dtype) + self.scale * (self.B @ self.A)
             return (self.m / torch.linalg.norm(updated, dim=1))[:, None] * updated

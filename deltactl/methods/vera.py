@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltactl.control.controller import Controller, NotMergeable, site_key
+from deltactl.control.controller import Controller, site_key
 from deltactl.control.registry import DeltaConfig, register
 
 
@@ -52,7 +52,6 @@ class VeRA(Controller):
         self.d = nn.ParameterDict({site_key(s.name): nn.Parameter(torch.full((cfg.r,), cfg.d_initial)) for s in sites})
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self._dims = {s.name: (s.dims["in"], s.dims["out"]) for s in sites}
-        self._linear = {s.name: isinstance(modules[s.name], nn.Linear) for s in sites}
 
     def update(self, site: str) -> torch.Tensor:
         """ΔW = Λ_b B Λ_d A at ``site``."""
@@ -67,10 +66,6 @@ class VeRA(Controller):
         return (y + self.b[key] * F.linear(self.d[key] * F.linear(x, self.A[:, :d_in]), self.B[:d_out])).to(y.dtype)
 
     def weight_laws(self):
-        for s in self.sites:
-            if not self._linear[s.name]:
-                raise NotMergeable(f"vera at {s.name}: merging writes nn.Linear-layout weights, and this layer "
-                                   "stores its weight transposed (GPT-2's Conv1D), so it cannot be merged")
         return [(s, "weight", lambda W, name=s.name: W + self.update(name)) for s in self.sites]
 
 
