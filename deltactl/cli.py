@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from deltactl.shapes import SHAPES, t5_config
+from deltactl.shapes import SHAPES, model_for
 
 # Sub-packages that bring their own sub-commands: each module has ``add_commands(subparsers)``.
 COMMAND_MODULES = (
@@ -52,8 +52,8 @@ def method_spec(spec: str):
 
 
 def load_model(shape: str | None, path: str | None, device: str = "cpu"):
-    """A local checkpoint (T5 → seq2seq LM, encoders → bare model), or a named T5 shape with random weights."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, T5ForConditionalGeneration
+    """A local checkpoint (T5 → seq2seq LM, encoders → bare model), or a named shape with random weights."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
     if path:
         from pathlib import Path
@@ -61,7 +61,7 @@ def load_model(shape: str | None, path: str | None, device: str = "cpu"):
         if not (Path(path) / "config.json").is_file():
             what = "has no config.json" if Path(path).is_dir() else "is not a folder"
             raise FileNotFoundError(f"--model {path}: {what}; give a local checkpoint folder (config.json + weights), "
-                                    f"or --shape NAME for a random-init T5 ({', '.join(SHAPES)})")
+                                    f"or --shape NAME for a random-init model ({', '.join(SHAPES)})")
         config = AutoConfig.from_pretrained(path, local_files_only=True, attn_implementation="eager")
         cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModel
         if device == "meta":  # sizes only: the architecture without its weights
@@ -69,7 +69,7 @@ def load_model(shape: str | None, path: str | None, device: str = "cpu"):
                 return cls.from_config(config)
         return cls.from_pretrained(path, config=config, local_files_only=True)
     with torch.device(device):
-        return T5ForConditionalGeneration(t5_config(shape))
+        return model_for(shape)
 
 
 def cmd_inspect(args):
@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
-        p.add_argument("--shape", default="t5-small", choices=SHAPES, help="named T5 shape, random init")
+        p.add_argument("--shape", default="t5-small", choices=SHAPES,
+                       help="named model shape (T5, GPT-2, Llama), random init")
         p.add_argument("--model", help="local checkpoint folder (overrides --shape)")
         p.add_argument(
             "--method", action="append", metavar="NAME[:KEY=VALUE…]",

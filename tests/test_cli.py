@@ -20,6 +20,23 @@ def test_inspect_a_local_checkpoint(tmp_path, capsys):
     assert "delta bitfit" in out and "encoder.embed" not in out
 
 
+def test_inspect_decoder_only_shapes(capsys):
+    assert main(["inspect", "--shape", "gpt2-tiny", "--method", "lora:r=2:sites=*.attn.qkv"]) == 0
+    out = capsys.readouterr().out
+    assert "decoder.0.attn.qkv" in out and "16→48" in out and "◀ lora" in out
+    assert "delta lora: 256 parameters" in out  # 2 layers · r(16 + 48)
+    assert main(["inspect", "--shape", "llama-tiny", "--method", "prefix:length=3"]) == 0
+    out = capsys.readouterr().out
+    assert "decoder.0.attn.kv" in out and "memory   2×4" in out  # 2 key/value heads (of 4 query heads) of dim 4
+
+
+def test_count_gpt2_and_tinyllama_shapes(capsys):
+    assert main(["count", "--shape", "gpt2"]) == 0
+    assert "124,439,808 base parameters" in capsys.readouterr().out  # GPT-2 small, its LM head tied
+    assert main(["count", "--shape", "tinyllama-1.1b"]) == 0
+    assert "1,100,048,384 base parameters" in capsys.readouterr().out  # TinyLlama-1.1B
+
+
 def test_count_t5_base_against_the_paper(capsys):
     assert main(["count", "--shape", "t5-base"]) == 0
     out = capsys.readouterr().out
