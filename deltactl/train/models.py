@@ -1,4 +1,5 @@
-"""Models a task trains: an encoder classifier (mean pooling + a linear or a label-word head) or a text-to-text T5.
+"""Models a task trains: an encoder classifier (mean pooling + a linear or a label-word head), a text-to-text T5,
+or a decoder-only LM (GPT-2, Llama) answering after the source.
 
 Heads of an encoder, over the mean-pooled final states h̄ = mean_t h_t:
 
@@ -14,7 +15,8 @@ Heads of an encoder, over the mean-pooled final states h̄ = mean_t h_t:
 A text-to-text T5 predicts a class by rank classification (default): the class whose verbalised target has the
 highest log-likelihood Σ_t log p(y_t | y_<t, x) under teacher forcing, so every prediction is a valid label even
 for a model that does not yet generate one; ``generate`` decodes greedily and parses the text (regression tasks
-always generate).
+always generate). A decoder-only LM does the same on ``source answer``: the loss covers the answer's tokens, and
+rank classification scores each class's answer after the source.
 """
 
 from __future__ import annotations
@@ -186,3 +188,72 @@ def text_to_text(task, model, tokenizer, max_length: int, max_new_tokens: int = 
         return task.metric(predictions, references)
 
     return TaskModel(model, collate, loss, evaluate, head=[])
+
+
+def causal_lm(task, model, tokenizer, max_length: int, max_new_tokens: int = 8, predict: str = "rank") -> TaskModel:
+    """A decoder-only LM (GPT-2, Llama) trained on ``source target``: the loss covers the target's tokens only, and a
+    class is predicted by rank (the class whose verbalised target is likeliest after the source) or ``generate``.
+
+    Rows are right-padded; a controller that puts rows before the tokens (a prompt) lengthens the logits, so scores
+    are read from the last positions, which are always the tokens'.
+    """
+    if predict not in PREDICTIONS:
+        raise ValueError(f"unknown prediction mode {predict!r}; modes: {', '.join(PREDICTIONS)}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rank = predict == "rank" and not task.is_regression
+    targets = [_ids(tokenizer, t) for t in task.class_targets()] if rank else None
+
+    def sequences(examples, answers):
+        """input ids, attention mask and labels (−100 on the source and the padding) for source + answer rows."""
+        rows, labels = [], []
+        for example, answer in zip(examples, answers):
+            source = _ids(tokenizer, task.source_text(example), special=True)[: max(1, max_length - len(answer))]
+            rows.append(source + answer)
+            labels.append([-100] * len(source) + answer)
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask,
+                "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])}
+
+    def collate(examples):
+        return sequences(examples, [_ids(tokenizer, task.target_text(e)) for e in examples])
+
+    def loss(model, batch):
+        return model(**batch).loss
+
+    def evaluate(model, examples, batch_size):
+        predictions, references = [], []
+        device = next(model.parameters()).device
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            references += [task.label_index(e) for e in chunk]
+            if rank:
+                scores = [answer_log_likelihood(model, {k: v.to(device) for k, v in sequences(chunk, [t] * len(chunk))
+                                                        .items()}) for t in targets]
+                predictions += torch.stack(scores, -1).argmax(-1).tolist()
+                continue
+            for example in chunk:  # one row at a time: no padding between the source and the answer
+                ids = torch.tensor([_ids(tokenizer, task.source_text(example), special=True)], device=device)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=pad)
+                text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                predictions.append(task.parse_target(text.strip()))
+        return task.metric(predictions, references)
+
+    return TaskModel(model, collate, loss, evaluate, head=[])
+
+
+def answer_log_likelihood(model, batch) -> torch.Tensor:
+    """(batch,) Σ log p(token_t | tokens_<t) over the positions whose label is not −100 (the answer's tokens)."""
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, -labels.shape[1]:]  # rows a prompt put in front predict nothing here
+    picked = logits[:, :-1].log_softmax(-1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (labels[:, 1:] != -100)).sum(-1)
+
+
+def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
+    """Token ids of ``text``; with ``special`` the tokenizer's own start/end tokens, without them for an answer (a
+    space in front, so it tokenises as a continuation)."""
+    return tokenizer(text if special else " " + text, add_special_tokens=special)["input_ids"]

@@ -19,7 +19,7 @@ from deltactl.control.io import base_fingerprint, readable_dir, recover_dir, rep
 from deltactl.tasks import get_task
 from deltactl.tasks.templates import blank_token, templated
 from deltactl.train.loop import Outcome, TrainConfig, fit
-from deltactl.train.models import HEADS, PREDICTIONS, TaskModel, classifier, text_to_text
+from deltactl.train.models import HEADS, PREDICTIONS, TaskModel, causal_lm, classifier, text_to_text
 
 FULL_FINE_TUNING = "ft"
 
@@ -111,7 +111,7 @@ def build_deltas(spec: RunSpec, data=None):
 
 def _build(spec: RunSpec, data=None):
     """``build_deltas`` and the backbone (the base model the deltas act on)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     if spec.method == FULL_FINE_TUNING and (spec.method_options or spec.after):
         raise ValueError("full fine-tuning (ft) takes no method options and no earlier stage (--after)")
@@ -132,6 +132,14 @@ def _build(spec: RunSpec, data=None):
             task = templated(task, blank_token(tokenizer))
         backbone = AutoModelForSeq2SeqLM.from_pretrained(path, attn_implementation="eager", local_files_only=True)
         task_model = text_to_text(task, backbone, tokenizer, spec.max_length, predict=spec.predict)
+    elif _decoder_only(config):
+        if spec.head != "linear":
+            raise ValueError(f"head {spec.head!r} is for encoders; a causal LM ({path}) answers in words: leave the "
+                             "head unset and choose how it predicts with predict='rank' or 'generate'")
+        if spec.template:
+            task = templated(task, blank_token(tokenizer))
+        backbone = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", local_files_only=True)
+        task_model = causal_lm(task, backbone, tokenizer, spec.max_length, predict=spec.predict)
     else:
         if spec.predict != "rank" or spec.template:
             what = "template=True" if spec.template else f"predict={spec.predict!r}"
@@ -149,6 +157,15 @@ def _build(spec: RunSpec, data=None):
             raise ValueError(f"--method {delta.name} with options {spec.parts[deltas.index(delta)][1]}: the delta has "
                              "0 trainable parameters, so nothing would train; choose sites or sizes that give it some")
     return task, task_model, deltas, backbone
+
+
+def _decoder_only(config) -> bool:
+    """Whether a checkpoint's config is a decoder-only LM deltactl has a backbone for (GPT-2, Llama)."""
+    from deltactl.backbones import FAMILIES
+    from deltactl.backbones.decoder_only import DecoderOnlyBackbone
+
+    family = FAMILIES.get(config.model_type)
+    return family is not None and issubclass(family, DecoderOnlyBackbone)
 
 
 def _restore_stage(spec: RunSpec, task_model: TaskModel, backbone, data) -> None:
