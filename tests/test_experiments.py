@@ -351,3 +351,24 @@ def test_intrinsic_dimension_reports_d90_only_where_fine_tuning_learned():
                                                                                 "gain_d90": {"DID": None}}
     # the same gain on 2,000 examples is above 2·√(0.25/2000) ≈ 0.022
     assert script.learning(0.60, 0.65, 2000, dims, {"DID": [0.6, 0.7, 0.7]})["gain_d90"] == {"DID": 100}
+
+
+def test_compute_times_in_the_docs_are_the_results_own():
+    """The experiments table and each study page quote compute_seconds as their results.json holds it."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    table = (docs / "experiments.md").read_text()
+    checked = 0
+    for name, study in discover().items():
+        if not study.committed.exists():
+            continue
+        seconds = json.loads(study.committed.read_text()).get("compute_seconds")
+        if seconds is None:
+            continue
+        row = next((line for line in table.splitlines() if line.startswith(f"| [{name}]")), "")
+        quoted = re.findall(r"\| ([\d,]+) s \(\d+ runs\) \|", row)
+        page = docs / "experiments" / f"{name}.md"
+        quoted += re.findall(r"([\d,]+) s of compute", page.read_text()) if page.exists() else []
+        for figure in quoted:
+            assert int(figure.replace(",", "")) == round(seconds), f"{name}: docs say {figure} s, results {seconds} s"
+            checked += 1
+    assert checked >= 3
