@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -68,11 +69,30 @@ class Backbone(ABC):
         """
         if site.kind == "linear" and getattr(control, "acts_on", "output") == "input":
             return self.module(site).register_forward_pre_hook(_input_hook(control))
+        if site.kind == "state" and hasattr(control, "see_tokens"):
+            return _Handles(
+                self.token_module(site.stack).register_forward_pre_hook(_tokens_hook(control), with_kwargs=True),
+                self.module(site).register_forward_hook(_output_hook(control)),
+            )
         if site.kind in OUTPUT_KINDS:
             return self.module(site).register_forward_hook(_output_hook(control))
         if site.kind == "parameter":
             return ParameterHandle(self.model, site, control)
         raise ValueError(f"{self.family} backbone has no {site.kind} mechanism for site {site.name!r}")
+
+    def token_module(self, stack: str) -> nn.Module:
+        """The module that takes ``stack``'s tokens (ids and the 2-D attention mask): the innermost module above its
+        blocks whose forward has both ``input_ids`` and ``attention_mask`` (T5's stacks, BertModel, GPT2Model,
+        LlamaModel). Its ``attention_mask`` is the stack's: T5's decoder stack receives ``decoder_attention_mask``."""
+        first = self.blocks()[stack][0]
+        path = next(name for name, m in self.model.named_modules() if m is first)
+        while path:
+            path = path.rpartition(".")[0]
+            module = self.model.get_submodule(path)
+            params = inspect.signature(module.forward).parameters
+            if "input_ids" in params and "attention_mask" in params:
+                return module
+        raise ValueError(f"{self.family}: no module above the {stack} blocks takes input_ids and attention_mask")
 
     def rollout(self, **inputs) -> Trajectory:
         """Run the model once and record the residual trajectory of every stack."""
@@ -107,6 +127,36 @@ def _output_hook(control):
         return control(x, output)
 
     return hook
+
+
+# ---- token positions: what a law at a state site may know about the tokens of the pass --------------------------
+#
+# A law at a ``state`` site that has a method ``see_tokens(mask, past)`` is shown, before every pass of its stack,
+# the 2-D attention mask that pass received (None when the model was called without one: every token is real) and
+# the number of positions a key/value cache already held (0 unless decoding continues a cached sequence). The law
+# keeps what it was shown and reads it when it is called at its block, so it can act at chosen token positions (the
+# ReFT methods act on the first and last real tokens). The pre-hook sits on the stack's ``token_module``, and the
+# handle removes it with the law's own hook. Replaying a block alone (``deltactl.theory.model_system``) reuses the
+# mask of the stack's last pass, which is the pass being replayed. Laws without ``see_tokens`` are hooked as before.
+
+
+def _tokens_hook(control):
+    def hook(module, args, kwargs):
+        bound = compat.bind_call(module.forward, args, kwargs)
+        control.see_tokens(bound.get("attention_mask"), compat.cache_length(bound.values()))
+
+    return hook
+
+
+class _Handles:
+    """Several hook handles removed as one, last first."""
+
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self):
+        for handle in reversed(self.handles):
+            handle.remove()
 
 
 def _input_hook(control):

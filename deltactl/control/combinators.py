@@ -76,6 +76,16 @@ class Sum(Controller):
     def penalty(self):
         return _total(p.penalty() for p in self.parts)
 
+    def controls(self):
+        """(site, law) pairs; a law passes the attention mask its backbone shows it on to the parts' laws that read
+        one (``see_tokens``, see backbones/base.py)."""
+        pairs = []
+        for site, law in super().controls():
+            seers = [part_law.see_tokens for part in self.parts for s, part_law in part.controls()
+                     if s.name == site.name and hasattr(part_law, "see_tokens")]
+            pairs.append((site, _SeeingLaw(law, seers) if seers else law))
+        return pairs
+
     def control(self, site, x, y):
         out = y
         for part in self.parts:
@@ -86,3 +96,17 @@ class Sum(Controller):
                     part_out = law(x, part_out)
                 out = out + (part_out - y)
         return out
+
+
+class _SeeingLaw:
+    """A law that also shows the token mask of the pass to the laws it sums (their ``see_tokens``)."""
+
+    def __init__(self, law, seers):
+        self.law, self.seers = law, seers
+
+    def __call__(self, *payload):
+        return self.law(*payload)
+
+    def see_tokens(self, mask, past):
+        for see in self.seers:
+            see(mask, past)

@@ -105,4 +105,7 @@ def _on_rows(law, rows: torch.Tensor, batch: int):
         control.acts_on = "output"
     if getattr(law, "acts_on", None) == "input":
         control.acts_on = "input"
+    see = getattr(law, "see_tokens", None)
+    if see is not None:  # a law that reads the pass's attention mask (backbones/base.py) sees its rows' mask
+        control.see_tokens = lambda mask, past: see(None if mask is None else mask.index_select(0, select(mask)), past)
     return control
