@@ -18,6 +18,7 @@ from deltactl.methods import (  # noqa: F401 - registration
     pfeiffer,
     prefix,
     prompt,
+    reft,
     selective,
     vera,
 )
