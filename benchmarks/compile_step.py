@@ -9,7 +9,7 @@ CPU: the first step takes minutes on a small machine, which is why the tests com
 
 Usage::
 
-    python benchmarks/compile_step.py                          # t5-tiny, inductor
+    python benchmarks/compile_step.py                          # t5-tiny, inductor, 1 thread
     python benchmarks/compile_step.py --shape t5-small --batch 8 --source 128 --target 32
 """
 
@@ -44,7 +44,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (1: a tiny model's ops are too small to share, and a second thread contends "
+                             "with any other load)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     config = t5_config(args.shape, dropout_rate=0.0)
