@@ -144,6 +144,26 @@ def tiny_llama(seed=0, dtype=torch.float64, head=True, **overrides):
     return _decoder_only(LlamaForCausalLM if head else LlamaModel, tiny_llama_config(**overrides), dtype)
 
 
+def tiny_mistral(seed=0, dtype=torch.float64, **overrides):
+    """A MistralForCausalLM of tiny_llama's sizes (Llama's layer; no sliding window unless given one)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    fields = {**tiny_llama_config().to_dict(), "sliding_window": None, **overrides}
+    fields = {k: v for k, v in fields.items() if k not in ("model_type", "architectures", "transformers_version")}
+    torch.manual_seed(seed)
+    return _decoder_only(MistralForCausalLM, MistralConfig(**fields), dtype)
+
+
+def tiny_qwen2(seed=0, dtype=torch.float64, **overrides):
+    """A Qwen2ForCausalLM of tiny_llama's sizes (Llama's layer with biases on q, k and v)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    fields = {**tiny_llama_config().to_dict(), **overrides}
+    fields = {k: v for k, v in fields.items() if k not in ("model_type", "architectures", "transformers_version")}
+    torch.manual_seed(seed)
+    return _decoder_only(Qwen2ForCausalLM, Qwen2Config(**fields), dtype)
+
+
 def tiny_causal_batch(seed=1, batch=2, length=6):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, VOCAB, (batch, length), generator=g)

@@ -329,7 +329,7 @@ def test_sum_of_a_chain_sums_the_chained_control():
 # ---- merge / unmerge (methods whose control is a change of weights) ------------------------------------------------
 
 # T5's (and Llama's) RMS norms have no bias to merge BitFit into: there BitFit merges where it acts on linear layers.
-MERGE_SITES = {(family, "bitfit"): {"sites": ("*.q", "*.wo")} for family in ("t5", "llama")}  # Llama: RMS too
+MERGE_SITES = {(family, "bitfit"): {"sites": ("*.q", "*.wo")} for family in ("t5", "llama", "mistral", "qwen2")}  # RMS
 # Merged and unmerged round differently: float64 to ~1e-15; bfloat16 (8 significant bits, rounding at every layer)
 # to a few percent of the output's scale.
 MERGE_TOL = {torch.float64: 1e-10, torch.bfloat16: 2**-5}

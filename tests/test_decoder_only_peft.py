@@ -30,7 +30,7 @@ import copy
 
 import pytest
 import torch
-from conftest import causal_labels, tiny_causal_batch, tiny_gpt2, tiny_llama
+from conftest import causal_labels, tiny_causal_batch, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from test_conformance import perturb
 
@@ -39,9 +39,12 @@ from deltactl.control.controller import site_key
 
 TOL = 1e-9
 P = 3  # prompt rows / prefix rows
-FAMILIES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
-LORA = {"gpt2": ("*.attn.qkv",), "llama": ("*.q", "*.v")}
-IA3 = {"gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]), "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"])}
+# Mistral and Qwen2 have Llama's layer (module names included): they run through the Llama backbone's sites.
+FAMILIES = {"gpt2": tiny_gpt2, "llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2}
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+LORA = {"gpt2": ("*.attn.qkv",), **{f: ("*.q", "*.v") for f in LLAMA_LIKE}}
+IA3 = {"gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+       **{f: (["k_proj", "v_proj", "down_proj"], ["down_proj"]) for f in LLAMA_LIKE}}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -276,7 +279,7 @@ def test_prefix_matches_peft_per_key_value_head(family):
     ours, base = _pair(family)
     delta = dc.attach(ours, "prefix", length=P, reparameterize=False)
     perturb(delta)
-    heads = ours.config.num_key_value_heads if family == "llama" else ours.config.n_head
+    heads = ours.config.num_key_value_heads if family in LLAMA_LIKE else ours.config.n_head
     assert all(s.dims["heads"] == heads for s in delta.controller.sites)  # Llama: 2 key/value heads, not 4
     theirs = _peft(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     rows, embedding = _peft_prefix(delta, theirs)

@@ -28,6 +28,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert import modeling_bert
 from transformers.models.gpt2 import modeling_gpt2
 from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
+from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.t5 import modeling_t5
 from transformers.pytorch_utils import Conv1D
 
@@ -43,8 +45,10 @@ __all__ = [
 
 # ---- attention ----------------------------------------------------------------------------------------------------
 
-_EAGER = {"t5": "T5", "bert": "Bert", "gpt2": "GPT2", "llama": "Llama"}  # family → its modeling classes' prefix
-_MODELING = {"t5": modeling_t5, "bert": modeling_bert, "gpt2": modeling_gpt2, "llama": modeling_llama}
+# family → its modeling classes' prefix
+_EAGER = {"t5": "T5", "bert": "Bert", "gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+_MODELING = {"t5": modeling_t5, "bert": modeling_bert, "gpt2": modeling_gpt2, "llama": modeling_llama,
+             "mistral": modeling_mistral, "qwen2": modeling_qwen2}
 
 
 def eager_attention(family: str):

@@ -18,7 +18,7 @@ F(x) = W_down(σ(W_gate x) ⊙ W_up x). Per layer ``j`` of the one stack ``decod
 
 from __future__ import annotations
 
-from transformers import LlamaModel
+from transformers import LlamaModel, MistralModel, Qwen2Model
 
 from deltactl.backbones.decoder_only import DecoderOnlyBackbone
 from deltactl.backbones.sites import Site
@@ -57,3 +57,38 @@ class LlamaBackbone(DecoderOnlyBackbone):
             ]
         sites.append(Site("decoder.final_ln", "norm", f"{at}norm", {"d": d}))
         return sites
+
+
+class _Windowed(LlamaBackbone):
+    """Llama's layer with an optional sliding attention window. Attention memory (prefix rows) is refused while a
+    window is on: a cached prefix leaves the window as decoding moves on, rows held outside the cache do not, and
+    which of the two a user means is not ours to guess."""
+
+    def windowed(self) -> bool:
+        cfg = self.stack.config
+        if hasattr(cfg, "use_sliding_window") and not cfg.use_sliding_window:
+            return False
+        return bool(getattr(cfg, "sliding_window", None))
+
+    def hook(self, site, control):
+        if site.kind == "memory" and self.windowed():
+            raise ValueError(
+                f"{site.name}: attention memory (prefix rows) on a {self.family} model with a sliding window of "
+                f"{self.stack.config.sliding_window} tokens is not supported; load the model with sliding_window=None "
+                "(the default of recent Mistral releases) or tune it with a method that does not add attention rows"
+            )
+        return super().hook(site, control)
+
+
+class MistralBackbone(_Windowed):
+    """Mistral: Llama's layer (module names included) with an optional sliding attention window."""
+
+    family = "mistral"
+    stack_class = MistralModel
+
+
+class Qwen2Backbone(_Windowed):
+    """Qwen2: Llama's layer with biases on q, k and v (BitFit finds them), and an optional sliding window."""
+
+    family = "qwen2"
+    stack_class = Qwen2Model

@@ -75,7 +75,7 @@ def _stack_modules(backbone) -> dict[str, nn.Module]:
         return {"encoder": backbone.bert}
     if hasattr(backbone, "stack_modules"):  # decoder-only families: the called model, whose hook places prompt rows
         return backbone.stack_modules()
-    raise ValueError(f"no Pontryagin view for the {backbone.family} family; known: t5, bert, gpt2, llama")
+    raise ValueError(f"no Pontryagin view for the {backbone.family} family; known: t5, bert and the decoder-only ones")
 
 
 def _detach(tree):
