@@ -63,12 +63,19 @@ def pool(state: torch.Tensor, attention_mask: torch.Tensor | None, readout: str 
     """The activation at the "output position" of each example: (batch, T, d) → (batch, d).
 
     ``mean``: the mean over real tokens, the vector deltactl's sequence classifier feeds its head at the top
-    layer; ``first``: the first token ([CLS]).
+    layer; ``first``: the first token ([CLS]); ``last``: the last real token, where a causal LM such as GPT-2 reads
+    its answer (the robust-prefix paper's [ANS] position).
     """
     if readout == "first":
         return state[:, 0]
+    if readout == "last":
+        if attention_mask is None:
+            return state[:, -1]
+        mask = attention_mask[:, -state.shape[1]:]
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # the last real position of each row, padding either side
+        return state[torch.arange(state.shape[0], device=state.device), last]
     if readout != "mean":
-        raise ValueError(f"readout must be 'mean' or 'first', got {readout!r}")
+        raise ValueError(f"readout must be 'mean', 'first' or 'last', got {readout!r}")
     if attention_mask is None:
         return state.mean(1)
     mask = attention_mask[:, -state.shape[1]:].unsqueeze(-1).to(state.dtype)

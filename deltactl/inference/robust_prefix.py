@@ -13,9 +13,11 @@ make the cost vanish); ``center="train"`` uses the training mean μ⁽ʲ⁾ inst
 
 Output position: the paper reads GPT-2 at the [ANS] token, where the label is generated. deltactl's classifier
 mean-pools the top layer over the real tokens and feeds that vector to its head, so the output position of layer j
-is the same masked mean of h⁽ʲ⁾ (``readout="mean"``; ``"first"`` uses [CLS]). h⁽⁰⁾ (the embeddings) does not
-depend on the prefix, so its term is a constant; only blocks 0…N−2 run while ψ is tuned (a truncated rollout).
-ψ lives on the memories of those blocks: rows of higher layers would receive zero gradient and stay exactly 0.
+is the same masked mean of h⁽ʲ⁾ (``readout="mean"``; ``"first"`` uses [CLS]; ``"last"`` the last real token, the
+paper's own reading on GPT-2: pass ``stack="decoder"`` and a classifier that reads the label there). h⁽⁰⁾ (the
+embeddings) does not depend on the prefix, so its term is a constant; only blocks 0…N−2 run while ψ is tuned (a
+truncated rollout). ψ lives on the memories of those blocks: rows of higher layers would receive zero gradient and
+stay exactly 0.
 """
 
 from __future__ import annotations
