@@ -224,6 +224,15 @@ CASES = {f"t5_{name}": Case("t5", variant) for name, variant in VARIANTS.items()
 CASES |= {family: Case(family, {}) for family in DECODER_ONLY}
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and are then immune to contention from other processes on the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=list(CASES))
 def case(request):
     return CASES[request.param]

@@ -47,12 +47,7 @@ IA3 = {"gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
        **{f: (["k_proj", "v_proj", "down_proj"], ["down_proj"]) for f in LLAMA_LIKE}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def _pair(family):

@@ -13,13 +13,7 @@ from deltactl.theory.model import model_system, state_gradients, trainable_contr
 from deltactl.theory.msa import linearised_step
 from deltactl.theory.reachability import spectrum, stage_map
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 FAMILIES = ("gpt2", "llama")

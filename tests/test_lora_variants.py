@@ -32,12 +32,7 @@ TOL = 1e-6  # float64
 PEFT_CASES = ["t5_v1_0", "t5_v1_1", "t5_wide_heads", "bert"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def max_diff(a, b):

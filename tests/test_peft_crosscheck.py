@@ -47,13 +47,7 @@ P = 3  # virtual tokens (prompt rows / prefix rows)
 GENERATE_VARIANTS = ["v1_0", "v1_1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is faster, and immune to contention from other processes on the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def _pair(variant, **overrides):

@@ -24,12 +24,7 @@ from deltactl.control.controller import site_key
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def randomise(delta, seed=0, scale=0.3):

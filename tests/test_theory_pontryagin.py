@@ -10,13 +10,7 @@ from deltactl.theory.lq import LQProblem, riccati
 from deltactl.theory.model import model_system, state_gradients, trainable_controls
 from deltactl.theory.system import ControlSystem, Stage
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny float64 ops: contended threads are several times slower than one
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 # Every method on T5 v1.0 and BERT; the other T5 variants with a chain that acts on every kind of site.

@@ -30,13 +30,7 @@ from deltactl.theory.reachability import (
     stage_map,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def t5_with(method, seed=0, attention="eager", **options):

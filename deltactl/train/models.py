@@ -164,30 +164,20 @@ def text_to_text(task, model, tokenizer, max_length: int, max_new_tokens: int = 
         labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, -100)
         return {**batch, "labels": labels}
 
-    def loss(model, batch):
-        return model(**batch).loss
+    def predict_chunk(model, chunk, device):
+        batch = collate(chunk)
+        if rank:
+            scores = class_log_likelihoods(model, batch["input_ids"].to(device),
+                                           batch["attention_mask"].to(device), class_targets.to(device))
+            return scores.argmax(-1).tolist()
+        generated = model.generate(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens, do_sample=False,
+        )
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [task.parse_target(t.strip()) for t in texts]
 
-    def evaluate(model, examples, batch_size):
-        predictions, references = [], []
-        device = next(model.parameters()).device
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            batch = collate(chunk)
-            references += [task.label_index(e) for e in chunk]
-            if rank:
-                scores = class_log_likelihoods(model, batch["input_ids"].to(device),
-                                               batch["attention_mask"].to(device), class_targets.to(device))
-                predictions += scores.argmax(-1).tolist()
-                continue
-            generated = model.generate(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens, do_sample=False,
-            )
-            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-            predictions += [task.parse_target(t.strip()) for t in texts]
-        return task.metric(predictions, references)
-
-    return TaskModel(model, collate, loss, evaluate, head=[])
+    return TaskModel(model, collate, lm_loss, _chunked_evaluation(task, predict_chunk), head=[])
 
 
 def causal_lm(task, model, tokenizer, max_length: int, max_new_tokens: int = 8, predict: str = "rank") -> TaskModel:
@@ -219,8 +209,31 @@ def causal_lm(task, model, tokenizer, max_length: int, max_new_tokens: int = 8, 
     def collate(examples):
         return sequences(examples, [_ids(tokenizer, task.target_text(e)) for e in examples])
 
-    def loss(model, batch):
-        return model(**batch).loss
+    def predict_chunk(model, chunk, device):
+        if rank:
+            batches = ({k: v.to(device) for k, v in sequences(chunk, [t] * len(chunk)).items()} for t in targets)
+            scores = [answer_log_likelihood(model, batch) for batch in batches]
+            return torch.stack(scores, -1).argmax(-1).tolist()
+        predictions = []
+        for example in chunk:  # one row at a time: no padding between the source and the answer
+            ids = torch.tensor([_ids(tokenizer, task.source_text(example), special=True)], device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)
+            text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            predictions.append(task.parse_target(text.strip()))
+        return predictions
+
+    return TaskModel(model, collate, lm_loss, _chunked_evaluation(task, predict_chunk), head=[])
+
+
+def lm_loss(model, batch):
+    """The language model's own loss on a batch with labels (−100 where nothing is predicted)."""
+    return model(**batch).loss
+
+
+def _chunked_evaluation(task, predict_chunk):
+    """``evaluate(model, examples, batch_size)``: the task metric of ``predict_chunk(model, chunk, device)`` over
+    consecutive chunks of the examples."""
 
     def evaluate(model, examples, batch_size):
         predictions, references = [], []
@@ -228,20 +241,10 @@ def causal_lm(task, model, tokenizer, max_length: int, max_new_tokens: int = 8, 
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             references += [task.label_index(e) for e in chunk]
-            if rank:
-                scores = [answer_log_likelihood(model, {k: v.to(device) for k, v in sequences(chunk, [t] * len(chunk))
-                                                        .items()}) for t in targets]
-                predictions += torch.stack(scores, -1).argmax(-1).tolist()
-                continue
-            for example in chunk:  # one row at a time: no padding between the source and the answer
-                ids = torch.tensor([_ids(tokenizer, task.source_text(example), special=True)], device=device)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=pad)
-                text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-                predictions.append(task.parse_target(text.strip()))
+            predictions += predict_chunk(model, chunk, device)
         return task.metric(predictions, references)
 
-    return TaskModel(model, collate, loss, evaluate, head=[])
+    return evaluate
 
 
 def answer_log_likelihood(model, batch) -> torch.Tensor:

@@ -124,22 +124,16 @@ def _build(spec: RunSpec, data=None):
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     torch.manual_seed(spec.train.seed)  # the head's initial weights, and δ's
-    if config.is_encoder_decoder:
+    if config.is_encoder_decoder or _decoder_only(config):  # models that answer in words
+        what, auto, build = (("a T5", AutoModelForSeq2SeqLM, text_to_text) if config.is_encoder_decoder
+                             else ("a causal LM", AutoModelForCausalLM, causal_lm))
         if spec.head != "linear":
-            raise ValueError(f"head {spec.head!r} is for encoders; a T5 ({path}) answers in words: leave the head "
+            raise ValueError(f"head {spec.head!r} is for encoders; {what} ({path}) answers in words: leave the head "
                              "unset and choose how it predicts with predict='rank' or 'generate'")
         if spec.template:
             task = templated(task, blank_token(tokenizer))
-        backbone = AutoModelForSeq2SeqLM.from_pretrained(path, attn_implementation="eager", local_files_only=True)
-        task_model = text_to_text(task, backbone, tokenizer, spec.max_length, predict=spec.predict)
-    elif _decoder_only(config):
-        if spec.head != "linear":
-            raise ValueError(f"head {spec.head!r} is for encoders; a causal LM ({path}) answers in words: leave the "
-                             "head unset and choose how it predicts with predict='rank' or 'generate'")
-        if spec.template:
-            task = templated(task, blank_token(tokenizer))
-        backbone = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", local_files_only=True)
-        task_model = causal_lm(task, backbone, tokenizer, spec.max_length, predict=spec.predict)
+        backbone = auto.from_pretrained(path, attn_implementation="eager", local_files_only=True)
+        task_model = build(task, backbone, tokenizer, spec.max_length, predict=spec.predict)
     else:
         if spec.predict != "rank" or spec.template:
             what = "template=True" if spec.template else f"predict={spec.predict!r}"
