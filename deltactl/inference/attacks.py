@@ -125,12 +125,12 @@ def universal_trigger(
     Returns:
         The trigger ids (length,).
     """
-    trigger = torch.full((length,), init_id, dtype=torch.long)
+    trigger = torch.full((length,), init_id, dtype=torch.long, device=vocabulary.device)
     table = embeddings.weight.detach()
-    vocab_rows = table[vocabulary]
+    vocab_rows = table[vocabulary.to(table.device)]
 
     def loss_of(trig, with_grad=False):
-        total, grads, count = 0.0, torch.zeros(length, table.shape[1], dtype=table.dtype), 0
+        total, grads, count = 0.0, torch.zeros(length, table.shape[1], dtype=table.dtype, device=table.device), 0
         captured = {}
 
         def hook(module, args, output):  # the looked-up embeddings become a leaf whose gradient we read
@@ -142,7 +142,7 @@ def universal_trigger(
             try:
                 with torch.set_grad_enabled(with_grad):
                     logits = classify(**insert_trigger(inputs, trig))
-                    goal = torch.full((logits.shape[0],), target, dtype=torch.long)
+                    goal = torch.full((logits.shape[0],), target, dtype=torch.long, device=logits.device)
                     loss = F.cross_entropy(logits.float(), goal, reduction="sum")
                     if with_grad:
                         (g,) = torch.autograd.grad(loss, captured["e"])
@@ -158,7 +158,7 @@ def universal_trigger(
         for i in range(length):
             _, grads = loss_of(trigger, with_grad=True)
             scores = (vocab_rows - table[trigger[i]]) @ grads[i]  # first-order change of the loss
-            for cand in vocabulary[scores.argsort()[:candidates]]:
+            for cand in vocabulary[scores.argsort()[:candidates].to(vocabulary.device)]:
                 trial = trigger.clone()
                 trial[i] = cand
                 value, _ = loss_of(trial)

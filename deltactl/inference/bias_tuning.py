@@ -125,7 +125,7 @@ def bias_tuned_generate(
 def _decode(model, delta, cost, input_ids, attention_mask, max_new_tokens, layers, steps, lr, mix, warm_start):
     config = model.generation_config
     start, eos, pad = config.decoder_start_token_id, config.eos_token_id, config.pad_token_id
-    eos_ids = torch.as_tensor([eos] if isinstance(eos, int) else list(eos or []))
+    eos_ids = torch.as_tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
     biases = top_layer_biases(delta, layers)
     batch = input_ids.shape[0]
     with torch.no_grad():
@@ -155,7 +155,7 @@ def _decode(model, delta, cost, input_ids, attention_mask, max_new_tokens, layer
             token = p.argmax(-1)
             token = torch.where(done, torch.full_like(token, pad), token)
             sequences = torch.cat([sequences, token[:, None]], dim=1)
-            done |= torch.isin(token, eos_ids.to(token.device))
+            done |= torch.isin(token, eos_ids)
             if done.all():
                 break
     return sequences

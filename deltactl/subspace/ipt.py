@@ -60,8 +60,8 @@ class IntrinsicPrompt(FunctionalDelta):
             raise ValueError(f"the prompt {name!r} has shape {tuple(rows.shape)} but the autoencoder makes "
                              f"({back.length}, {back.width}) prompts")
         self.back = back.requires_grad_(False)
-        start = torch.zeros(back.down.out_features) if z is None else z.detach().clone()
-        self.z = nn.Parameter(start.to(rows.dtype))
+        start = torch.zeros(back.down.out_features, device=rows.device) if z is None else z.detach().clone()
+        self.z = nn.Parameter(start.to(device=rows.device, dtype=rows.dtype))
 
     def values(self) -> dict:
         return {self.names[0]: self.back.decode(self.z)}

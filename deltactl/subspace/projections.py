@@ -95,7 +95,7 @@ class SparseProjection(Projection):
 
     def _normalise(self):
         values, cols = self.P.values(), self.P.indices()[1]
-        norms = torch.zeros(self.d, dtype=values.dtype).index_add_(0, cols, values**2).sqrt()
+        norms = torch.zeros(self.d, dtype=values.dtype, device=values.device).index_add_(0, cols, values**2).sqrt()
         values /= norms[cols]  # every column exactly unit norm, repeated draws included
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

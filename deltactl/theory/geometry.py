@@ -92,7 +92,7 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor, rtol: float | None = None
         raise ValueError(f"principal angles need matrices with the same number of rows; got {A.shape} and {B.shape}")
     Ua, Ub = column_basis(A, rtol), column_basis(B, rtol)
     if Ua.shape[1] == 0 or Ub.shape[1] == 0:
-        return torch.zeros(0, dtype=A.dtype)
+        return torch.zeros(0, dtype=A.dtype, device=A.device)
     cos = torch.linalg.svdvals(Ua.T @ Ub).clamp(0.0, 1.0)
     return torch.arccos(cos).sort().values
 
@@ -102,7 +102,8 @@ def acting_controls(fn, controls: Controls, seed: int = 0) -> Controls:
     from torch.func import vjp
 
     out, pull = vjp(fn, controls)
-    u = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(out.shape, generator=g, dtype=out.dtype, device="cpu").to(out.device)  # the same u on any device
     grads = pull(u)[0]
     return {k: v for k, v in controls.items() if grads[k].abs().max() > 0}
 

@@ -45,7 +45,7 @@ class LQProblem:
     def controls(self, value: float = 0.0) -> dict[str, torch.Tensor]:
         """Per-stage controls ``u{t}``, all equal to ``value``."""
         m = self.B.shape[1]
-        return {f"u{t}": torch.full((m,), value, dtype=self.A.dtype) for t in range(self.horizon)}
+        return {f"u{t}": torch.full((m,), value, dtype=self.A.dtype, device=self.A.device) for t in range(self.horizon)}
 
     def system(self) -> ControlSystem:
         """The problem as stages: x_0 (no control), then t = 0…T−1, then the terminal cost."""

@@ -328,7 +328,7 @@ def _verify_replay(model, system: ControlSystem, loss) -> None:
 def _compare(name, value, expected):
     if not isinstance(expected, torch.Tensor):
         return
-    value, expected = torch.as_tensor(value), expected.detach()
+    value, expected = torch.as_tensor(value, device=expected.device), expected.detach()
     if value.shape != expected.shape:
         _replay_error(name, f"shape {tuple(value.shape)} where the model's forward gave {tuple(expected.shape)}")
     scale = expected.abs().max().item() if expected.numel() else 0.0

@@ -121,7 +121,7 @@ def randomized_svd(op: JacobianOperator, k: int, oversample: int = 10, power: in
         raise ValueError(f"k must be ≥ 1, got {k}")
     width = min(k + oversample, m, n)
     g = torch.Generator().manual_seed(seed)
-    omega = torch.randn(n, width, generator=g, dtype=op.dtype)
+    omega = torch.randn(n, width, generator=g, dtype=op.dtype, device="cpu").to(op.z0.device)  # same Ω on any device
     Q = torch.linalg.qr(op.matmat(omega))[0]
     for _ in range(power):  # (J Jᵀ)^q J Ω, re-orthonormalised at each half step
         Q = torch.linalg.qr(op.rmatmat(Q))[0]

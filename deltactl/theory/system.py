@@ -98,7 +98,7 @@ class ControlSystem:
                 states[s.output] = value
             if s.cost is not None:
                 total = total + s.cost(controls, *args)
-        return states, torch.as_tensor(total)
+        return states, _tensor(total)
 
     def hamiltonian(self, stage: Stage, controls: Controls, args, p_out) -> torch.Tensor:
         """H_s(x_s, p_{y_s}, δ) as defined in the module docstring."""
@@ -135,7 +135,7 @@ class ControlSystem:
             dH[s.name] = g_controls
             for n, g in zip(s.inputs, g_args):
                 p[n] = p[n] + g if n in p else g
-        return Costates(states, p, torch.as_tensor(objective), dH)
+        return Costates(states, p, _tensor(objective), dH)
 
     def gradient(self, controls: Controls) -> Controls:
         """∇_δ J by plain reverse-mode autograd through ``forward`` (the reference the costates must match)."""
@@ -151,3 +151,8 @@ def _hamiltonian_grads(system, stage, controls, args, p_out):
     value, pullback = vjp(h, controls, *args)
     grads = pullback(torch.ones_like(value))
     return grads[0], grads[1:]
+
+
+def _tensor(value) -> torch.Tensor:
+    """A sum of stage values as a tensor: kept as it is (on its device) when it is one already."""
+    return value if isinstance(value, torch.Tensor) else torch.tensor(value)
