@@ -231,9 +231,6 @@ def test_combinations_allocate_nothing_on_the_default_device():
     finite_grads(delta)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "deltactl/control/rows.py builds each call's row index on the CPU (torch.arange(copies), and delta_rows made "
-    "without a device) and copies it to the batch's device at every law call; control/ is not this file's to fix"))
 def test_per_row_allocates_nothing_on_the_default_device():
     model = tiny_t5(dtype=torch.float32)
     perturb(dc.attach(model, "lora", r=2, name="a"))

@@ -38,6 +38,9 @@ def alone(model, name, **batch):
 
 
 NAMES = ["a", "b", None, "ia3", "a"]
+# float32 sums run in another order when the kernels block a batch of another size: a few ulps of logits near 2
+# (up to 1.2e-6 seen); a mix-up of rows moves them by over 1e-3
+ROWS_ATOL = 1e-5
 
 
 def test_each_row_equals_the_whole_batch_under_its_delta_t5():
@@ -47,7 +50,7 @@ def test_each_row_equals_the_whole_batch_under_its_delta_t5():
         mixed = model(**batch).logits
     for i, name in enumerate(NAMES):
         reference = alone(model, name, **batch)[i]
-        torch.testing.assert_close(mixed[i], reference, atol=1e-6, rtol=0)
+        torch.testing.assert_close(mixed[i], reference, atol=ROWS_ATOL, rtol=0)
     # the deltas differ from each other and from the base, so a mix-up of rows would show
     outs = [alone(model, n, **batch)[1] for n in ("a", "b", None, "ia3")]
     assert min((x - y).abs().max() for i, x in enumerate(outs) for y in outs[i + 1:]) > 1e-3
@@ -61,7 +64,7 @@ def test_each_row_equals_that_row_run_alone():
         mixed = model(**batch).logits
     for i, name in enumerate(NAMES):
         row = {k: v[i : i + 1] for k, v in batch.items()}
-        torch.testing.assert_close(mixed[i : i + 1], alone(model, name, **row), atol=1e-6, rtol=0)
+        torch.testing.assert_close(mixed[i : i + 1], alone(model, name, **row), atol=ROWS_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("beams", [1, 2])
@@ -118,7 +121,7 @@ def test_bert_adapter_and_bitfit_rows():
     with dc.per_row(model, names):
         mixed = model(**batch).logits
     for i, name in enumerate(names):
-        torch.testing.assert_close(mixed[i], alone(model, name, **batch)[i], atol=1e-6, rtol=0)
+        torch.testing.assert_close(mixed[i], alone(model, name, **batch)[i], atol=ROWS_ATOL, rtol=0)
 
 
 def test_the_model_acts_as_before_after_the_block():

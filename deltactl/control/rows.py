@@ -54,8 +54,9 @@ class per_row:  # noqa: N801 - used as a context manager, like torch.no_grad
         merged = [n for n, d in attached.items() if d.merged and n not in self.names]
         if merged:
             raise ValueError(f"delta {merged[0]!r} is merged into the weights and would act on every row; unmerge it")
+        device = next(model.parameters()).device
         self.delta_rows = {
-            name: torch.tensor([i for i, n in enumerate(self.names) if n == name], dtype=torch.long)
+            name: torch.tensor([i for i, n in enumerate(self.names) if n == name], dtype=torch.long, device=device)
             for name in dict.fromkeys(n for n in self.names if n is not None)
         }
 
@@ -90,8 +91,8 @@ def _on_rows(law, rows: torch.Tensor, batch: int):
             raise ValueError(f"per_row was given {batch} delta names, but a batch of {value.shape[0]} rows reached "
                              "the model; give one name per row")
         copies = value.shape[0] // batch
-        index = (rows[:, None] * copies + torch.arange(copies)[None, :]).reshape(-1)
-        return index.to(value.device)
+        rows_here = rows.to(value.device)  # a no-op once the model and its batches share a device
+        return (rows_here[:, None] * copies + torch.arange(copies, device=value.device)[None, :]).reshape(-1)
 
     if getattr(law, "acts_on", "output") == "input":
         def control(x):
