@@ -10,7 +10,7 @@ from deltactl.control import registry
 from deltactl.control.combinators import Chain, Combination, Sum
 from deltactl.control.controller import Controller
 from deltactl.control.io import save
-from deltactl.control.merge import restore_weights, write_weights
+from deltactl.control.merge import reshard, restore_weights, write_weights
 from deltactl.control.root import ROOT, base_parameters, deltas
 
 
@@ -132,6 +132,7 @@ class Delta:
         """Restore the base weights exactly and act through the laws again."""
         if not self.merged:
             raise RuntimeError(f"delta {self.name!r} is not merged")
+        reshard(self.model)  # FSDP2 keeps the root's parameters gathered after a forward pass
         restore_weights(self._merged)
         self._merged = None
         reinstall(self.model, self)

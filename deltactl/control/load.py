@@ -1,6 +1,10 @@
 """Load a saved δ onto a model, checking it first: the files' content hashes, the base model's fingerprint (also
 across dtypes), and that the tensors fit the controller the saved config builds on this model (names, shapes and
 dtypes, each named when it does not).
+
+The fingerprint is checked in the scheme the δ was saved with (``io.fingerprint``). Loading is meant for the model
+before ``fully_shard`` (docs/fsdp.md); onto a sharded model (collective: every rank loads) only a δ with a row
+fingerprint can be checked, and the δ is then attached outside FSDP, replicated on every rank.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from deltactl.control.io import (
     CONFIG,
     FORMAT,
     TENSORS,
+    WHOLE,
     committed_files,
     dtype_name,
     fingerprint,
     meta_digest,
+    sharded,
     tensor_digest,
 )
 from deltactl.control.registry import config_from_dict
@@ -56,7 +62,16 @@ def load(
             f"{config_file} was changed after it was saved: its content no longer matches its stored hash "
             f"(sha256 {meta['sha256'][:12]}…); {escape}"
         )
-    expected, actual = meta["base"], fingerprint(model)
+    expected = meta["base"]
+    scheme = expected.get("scheme", WHOLE)
+    if scheme == WHOLE and sharded(model):
+        raise ValueError(
+            f"the delta at {path} records the whole-weight SHA-256 of its base, and this model is sharded (FSDP2): "
+            "checking it would gather every base weight, which deltactl does not do. Load the delta before "
+            "fully_shard (docs/fsdp.md); a delta saved from a sharded model records a row fingerprint and loads "
+            "onto a sharded model too"
+        )
+    actual = fingerprint(model, scheme=scheme)
     if expected["sha256"] != actual["sha256"] and not _same_base_in_another_dtype(model, expected, actual, path):
         what = (
             "its weights differ"
@@ -98,7 +113,7 @@ def _same_base_in_another_dtype(model, expected: dict, actual: dict, path) -> bo
         actual["model_type"], actual["parameters"]
     ):
         return False
-    if fingerprint(model, getattr(torch, saved))["sha256"] == expected["sha256"]:
+    if fingerprint(model, getattr(torch, saved), scheme=expected.get("scheme"))["sha256"] == expected["sha256"]:
         return True
     mine = actual["dtype"]
     if getattr(torch, saved).itemsize > getattr(torch, mine).itemsize:
