@@ -113,6 +113,7 @@ def cmd_count(args):
 
 def cmd_train(args) -> int:
     from deltactl.train import run
+    from deltactl.train.processes import processes
 
     parts = [parse_method(part) for part in args.method.split("+")]
     for part, (name, _) in zip(args.method.split("+"), parts):
@@ -137,6 +138,8 @@ def cmd_train(args) -> int:
         out = f"{args.after.rstrip('/')}+{args.method.replace(':', '_')}"
     run.threads()
     outcome = run.train(spec, out, data=args.data, fresh=args.fresh)
+    if not processes().is_main_process:  # under a launcher the main process reports for all
+        return 3 if outcome.status == "diverged" else 0
     print(
         f"{outcome.status}: {spec.method} on {spec.task}, {outcome.steps} steps in {outcome.seconds:.0f} s; "
         f"best dev {outcome.best_metric:.4f} at step {outcome.best_step}; run folder {out}"

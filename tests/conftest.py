@@ -238,6 +238,15 @@ def case(request):
     return CASES[request.param]
 
 
+try:
+    from deltactl.tasks import data_dir
+
+    DATA = data_dir()  # ../shared/data, or $DELTACTL_DATA
+except FileNotFoundError:  # the real data is not on this machine
+    DATA = None
+needs_data = pytest.mark.skipif(DATA is None, reason="the benchmark data folder (../shared/data) is absent")
+
+
 @pytest.fixture(scope="session")
 def t5_folder(tmp_path_factory):
     """A tiny random T5 saved as an ordinary checkpoint, with MiniLM's WordPiece tokenizer beside it (the layout of

@@ -2,19 +2,14 @@
 
 import pytest
 import torch
+from conftest import DATA, needs_data
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel, T5Config, T5ForConditionalGeneration
 
 import deltactl as dc
-from deltactl.tasks import data_dir, get_task
+from deltactl.tasks import get_task
 from deltactl.train import run
 from deltactl.train.models import class_log_likelihoods, classifier, text_to_text
-
-try:
-    DATA = data_dir()
-except FileNotFoundError:
-    DATA = None
-needs_data = pytest.mark.skipif(DATA is None, reason="the benchmark data folder (../shared/data) is absent")
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,15 @@
 import json
 
 import pytest
+from conftest import DATA, needs_data
 from transformers import AutoTokenizer
 
-from deltactl.tasks import TEMPLATES, data_dir, templated
+from deltactl.tasks import TEMPLATES, templated
 from deltactl.tasks.data import Example
 from deltactl.tasks.registry import SPECS
 from deltactl.tasks.task import Splits, Task
 from deltactl.tasks.templates import blank_token
 from deltactl.train import run
-
-try:
-    DATA = data_dir()
-except FileNotFoundError:  # the real data is not on this machine
-    DATA = None
-needs_data = pytest.mark.skipif(DATA is None, reason="the benchmark data folder (../shared/data) is absent")
 
 
 def bare(name):

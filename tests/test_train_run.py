@@ -11,15 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, needs_data
 
-from deltactl.tasks import data_dir
 from deltactl.train import run
-
-try:
-    DATA = data_dir()
-except FileNotFoundError:  # the real data is not on this machine
-    DATA = None
-needs_data = pytest.mark.skipif(DATA is None, reason="the benchmark data folder (../shared/data) is absent")
 
 
 def spec(method, model=None, **train):

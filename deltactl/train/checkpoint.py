@@ -36,15 +36,22 @@ def _unflatten_optimizer(tensors: dict, scalars: dict) -> dict:
     return {"state": state, "param_groups": scalars["param_groups"]}
 
 
-def save_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, progress: dict, scaler=None) -> None:
+def save_checkpoint(
+    folder: Path, trainable: dict, optimizer, scheduler, progress: dict, scaler=None, generators: list | None = None
+) -> None:
     """Write ``folder`` as a whole or not at all (a kill mid-write leaves the previous checkpoint, which the next
-    save or load recovers); ``scaler``: the loss scaler of a float16 run, whose scale is part of the state."""
+    save or load recovers); ``scaler``: the loss scaler of a float16 run, whose scale is part of the state;
+    ``generators``: the torch RNG state of every process of a multi-process run, in rank order (default: this
+    process's)."""
     folder = Path(folder)
     tmp = staging_dir(folder)
     tensors = {f"param/{k}": v.detach().cpu().contiguous() for k, v in trainable.items()}
     opt_tensors, opt_scalars = _flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
-    tensors["rng/torch"] = torch.get_rng_state()
+    generators = generators or [torch.get_rng_state()]
+    tensors["rng/torch"] = generators[0]
+    for rank, generator in enumerate(generators[1:], 1):
+        tensors[f"rng/torch/{rank}"] = generator
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/cuda{i}"] = s
@@ -58,8 +65,10 @@ def save_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, progres
     replace_dir(folder)  # fsyncs, then swaps by renames
 
 
-def load_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, scaler=None) -> dict:
-    """Restore parameters, optimizer, scheduler, loss scaler and RNG from ``folder``; returns the saved progress."""
+def load_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, scaler=None, rank: int = 0) -> dict:
+    """Restore parameters, optimizer, scheduler, loss scaler and RNG from ``folder``; returns the saved progress.
+    ``rank``: this process's rank in a multi-process run; it takes its own RNG state if the checkpoint has one
+    (a run resumed with more processes than it was saved with gives the new ones the main process's)."""
     folder = readable_dir(folder)  # checkpoint.old if a kill came between the two renames
     tensor_file, config_file = folder / "state.safetensors", folder / "state.json"
     damaged = "the checkpoint is damaged; start the run afresh (--fresh, or a new --out)"
@@ -83,7 +92,7 @@ def load_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, scaler=
     scheduler.load_state_dict(meta["scheduler"])
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
-    torch.set_rng_state(tensors["rng/torch"])
+    torch.set_rng_state(tensors.get(f"rng/torch/{rank}", tensors["rng/torch"]))
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")])
     return meta["progress"]

@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from deltactl.control.io import recover_dir, write_atomic
 from deltactl.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from deltactl.train.processes import check_global_batch, each_process, on_main, processes, wait_for_everyone
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,18 @@ def fit(
 
     Rerunning with the same ``out`` continues from the last checkpoint and ends with the same δ as an
     uninterrupted run: the data order is a function of (seed, epoch), and the RNG state is checkpointed.
+
+    Under a launcher with N processes, ``config.batch_size`` stays the global batch: each process takes its
+    1/N of every batch, so the steps, the schedule and (for a loss that is a mean over examples) the gradient are
+    those of one process. Only the main process writes to ``out`` and evaluates (``deltactl.train.processes``).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    state = processes()
+    check_global_batch(config.batch_size)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True)
+    )
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total = max(1, math.ceil(config.epochs * steps_per_epoch))
     decay = [p for n, p in trainable.items() if p.ndim > 1]
@@ -118,19 +127,23 @@ def fit(
         accelerator.print("float16 model: δ trains in float32 with dynamic loss scaling")
 
     progress = {"step": 0, "best_metric": None, "best_step": None, "bad_evals": 0, "seconds": 0.0}
-    recover_dir(out / "checkpoint")  # a kill mid-save leaves checkpoint.old / checkpoint.tmp
+    on_main(lambda: recover_dir(out / "checkpoint"))  # a kill mid-save leaves checkpoint.old / checkpoint.tmp
     if has_checkpoint(out / "checkpoint"):
-        progress = load_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, scaler)
-        _truncate_log(out / "log.jsonl", progress["step"])
+        progress = load_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, scaler,
+                                   rank=state.process_index)
+        wait_for_everyone()  # every process has read the checkpoint before the main one rewrites the log
+        on_main(lambda: _truncate_log(out / "log.jsonl", progress["step"]))
         accelerator.print(f"resuming from step {progress['step']} of {total} ({out / 'checkpoint'})")
     else:
         torch.manual_seed(config.seed)
-        write_atomic(out / "log.jsonl", "")
+        on_main(lambda: write_atomic(out / "log.jsonl", ""))
     started = time.perf_counter() - progress["seconds"]
 
     def checkpoint():
         progress["seconds"] = time.perf_counter() - started
-        save_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, progress, scaler)
+        generators = each_process(torch.get_rng_state())  # each process's dropout stream resumes where it was
+        on_main(lambda: save_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, progress, scaler,
+                                        generators))
 
     status = "finished"
     recent: list[float] = []  # the last losses, for the blow-up check (not checkpointed: refilled after a resume)
@@ -144,7 +157,9 @@ def fit(
             model.train()
             loss = loss_fn(model, batch)
             too_small = scaler is not None and scaler.get_scale() < 1
-            value = loss.item()
+            # the loss of the global batch (each process holds its share's mean): every process sees the same
+            # value, so all take the same decision below
+            value = accelerator.reduce(loss.detach(), "mean").item() if state.num_processes > 1 else loss.item()
             blown = math.isfinite(value) and len(recent) >= BLOW_UP_WINDOW // 2 and value > BLOW_UP * _median(recent)
             if not math.isfinite(value) or too_small or blown:
                 status = "diverged"
@@ -185,10 +200,14 @@ def fit(
             recent = (recent + [value])[-BLOW_UP_WINDOW:]
             progress["step"] += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
             step = progress["step"]
             if step % config.eval_every == 0 or step == total:
-                status = _evaluate(model, evaluate, main_metric, config, progress, loss.item(), out, save_best)
+                def evaluation(loss=value):
+                    return _evaluate(model, evaluate, main_metric, config, progress, loss, out, save_best), progress
+
+                status, decided = on_main(evaluation)
+                progress.update(decided)
                 checkpoint()
             if status == "finished" and config.stop_after and step >= config.stop_after and step < total:
                 if step % config.eval_every:
@@ -196,10 +215,14 @@ def fit(
                 status = "halted"
             if status != "finished" or step >= total:
                 break
+        else:  # the epoch's batches ran out: it must have given all of its steps, or the loop would never end
+            if progress["step"] < min(total, (epoch + 1) * steps_per_epoch):
+                raise RuntimeError(f"epoch {epoch} gave {progress['step'] - epoch * steps_per_epoch} batches, not "
+                                   f"{steps_per_epoch}: the data loader and the step count disagree")
     bar.close()
     seconds = time.perf_counter() - started
     outcome = Outcome(progress["best_metric"], progress["best_step"], progress["step"], status, seconds)
-    write_atomic(out / "outcome.json", json.dumps(asdict(outcome), indent=1) + "\n")
+    on_main(lambda: write_atomic(out / "outcome.json", json.dumps(asdict(outcome), indent=1) + "\n"))
     return outcome
 
 

@@ -20,6 +20,7 @@ from deltactl.tasks import get_task
 from deltactl.tasks.templates import blank_token, templated
 from deltactl.train.loop import Outcome, TrainConfig, fit
 from deltactl.train.models import HEADS, PREDICTIONS, TaskModel, causal_lm, classifier, text_to_text
+from deltactl.train.processes import check_global_batch, cores_per_process, on_main
 
 FULL_FINE_TUNING = "ft"
 
@@ -320,11 +321,10 @@ def resolve(
 def train(spec: RunSpec, out, data=None, fresh: bool = False) -> Outcome:
     """Train (or resume) the run in folder ``out``; the best δ and head end up in ``out/best``. A rerun resumes
     only with the same settings, data files and base model; ``fresh``: move an earlier run in ``out`` aside to
-    ``out.old-TIMESTAMP`` and start anew."""
+    ``out.old-TIMESTAMP`` and start anew. Under a launcher (several processes) only the main process reads and
+    writes the folder; the others follow its decisions (``deltactl.train.processes``)."""
     out = Path(out)
     lock = RunLock()
-    if out.is_dir():  # a new folder is locked once it is created, after the options are checked
-        lock.acquire(out)
     try:
         return _train(spec, out, data, fresh, lock)
     finally:
@@ -333,31 +333,43 @@ def train(spec: RunSpec, out, data=None, fresh: bool = False) -> Outcome:
 
 def _train(spec: RunSpec, out: Path, data, fresh: bool, lock: RunLock) -> Outcome:
     stored = out / "run.json"
-    resuming = stored.exists() and not fresh
-    if resuming:
-        previous = read_spec(out)
-        if replace(previous, train=replace(previous.train, stop_after=None)) != replace(
-            spec, train=replace(spec.train, stop_after=None)
-        ):
-            raise ValueError(
-                f"{out} holds a run with other settings ({stored}); pass a new --out to start another run, "
-                "or the same settings to resume it"
-            )
+    check_global_batch(spec.train.batch_size)
+
+    def look():  # a new folder is locked once it is created, after the options are checked
+        if out.is_dir():
+            lock.acquire(out)
+        resuming = stored.exists() and not fresh
+        if resuming:
+            previous = read_spec(out)
+            if replace(previous, train=replace(previous.train, stop_after=None)) != replace(
+                spec, train=replace(spec.train, stop_after=None)
+            ):
+                raise ValueError(
+                    f"{out} holds a run with other settings ({stored}); pass a new --out to start another run, "
+                    "or the same settings to resume it"
+                )
+        return resuming
+
+    resuming = on_main(look)
     # Everything that can reject the spec (task, model, method options, sites) runs before anything is written.
     task, task_model, deltas, backbone = _build(spec, data)
     inputs = run_inputs(spec, backbone, data)
-    if resuming:
-        check_inputs(out, json.loads(stored.read_text()).get("inputs"), inputs, spec, data)
     trainable = trainable_parameters(task_model)
-    if fresh and out.exists():
-        aside = move_aside(out)
-        lock.release()  # the old run's lock went aside with it
-        print(f"--fresh: the earlier run folder is now {aside}")
-    out.mkdir(parents=True, exist_ok=True)
-    if lock.fd is None:
-        lock.acquire(out)
-    write_atomic(stored, json.dumps({**spec.to_dict(), "inputs": inputs}, indent=1) + "\n")
-    recover_dir(out / "best")
+
+    def prepare():
+        if resuming:
+            check_inputs(out, json.loads(stored.read_text()).get("inputs"), inputs, spec, data)
+        if fresh and out.exists():
+            aside = move_aside(out)
+            lock.release()  # the old run's lock went aside with it
+            print(f"--fresh: the earlier run folder is now {aside}")
+        out.mkdir(parents=True, exist_ok=True)
+        if lock.fd is None:
+            lock.acquire(out)
+        write_atomic(stored, json.dumps({**spec.to_dict(), "inputs": inputs}, indent=1) + "\n")
+        recover_dir(out / "best")
+
+    on_main(prepare)
     eval_batch = max(spec.train.batch_size, 64)
 
     def save_best(folder: Path):  # built in best.tmp, then swapped in: a kill leaves the previous best whole
@@ -407,5 +419,5 @@ def _evaluate(out: Path, split: str, data) -> dict:
 
 
 def threads() -> None:
-    """Use every core torch is allowed (CI machines have 2)."""
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    """Use every core torch is allowed (CI machines have 2), shared among the processes a launcher started."""
+    torch.set_num_threads(cores_per_process())

@@ -1,0 +1,70 @@
+"""Training in several processes (``accelerate launch`` or ``torchrun``): who writes, and how the others follow.
+
+Every process builds the same model and runs the same steps on its share of each global batch; accelerate wraps the
+model in DistributedDataParallel, which averages the gradients of the parameters that train (δ and the head) after
+each backward. Frozen weights have no gradient, so nothing else is exchanged during training.
+
+Only the main process touches the run folder: it locks it, checks what it holds, writes run.json, the log, the
+checkpoints and the best δ, and it evaluates. The other processes receive its decisions through ``on_main``, so
+all take the same branches (resume or not, stop early or not) and none waits on a collective the others skip.
+Without a launcher there is one process and every function here is a plain call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
+
+T = TypeVar("T")
+
+
+def processes() -> PartialState:
+    """accelerate's view of the processes of this run (one, unless started by a launcher); on CPU they talk
+    through gloo."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def check_global_batch(batch_size: int) -> None:
+    """Refuse a global batch that does not split evenly over the processes (each takes an equal share)."""
+    count = processes().num_processes
+    if batch_size % count:
+        raise ValueError(f"--batch-size {batch_size}: the global batch is split evenly over the {count} processes, "
+                         f"so it must be a multiple of {count}")
+
+
+def on_main(action: Callable[[], T]) -> T:
+    """Run ``action`` on the main process only; every process returns its result, or raises the error it raised
+    (so a refusal on the main process stops all of them instead of leaving the others waiting)."""
+    state = processes()
+    outcome: list = [None]
+    if state.is_main_process:
+        try:
+            outcome = [("value", action())]
+        except Exception as err:  # noqa: BLE001 — handed to every process, then raised there
+            outcome = [("error", err)]
+    if state.num_processes > 1:
+        broadcast_object_list(outcome)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def each_process(value: T) -> list[T]:
+    """``value`` from every process, in rank order (a collective: every process must call it)."""
+    state = processes()
+    return gather_object([value]) if state.num_processes > 1 else [value]
+
+
+def wait_for_everyone() -> None:
+    processes().wait_for_everyone()
+
+
+def cores_per_process() -> int:
+    """The cores this process may use when the launcher started ``LOCAL_WORLD_SIZE`` processes on the machine."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
