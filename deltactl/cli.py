@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 import torch
@@ -128,6 +129,7 @@ def cmd_train(args) -> int:
         k: getattr(args, k) for k in ("lr", "epochs", "batch_size", "eval_every", "patience", "seed", "stop_after")
         if getattr(args, k) is not None
     }
+    train_options["mixed_precision"] = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     spec = run.resolve(
         name, args.task, train_options, model=args.model, method_options=options,
         kshot_seed=args.kshot_seed, max_length=args.max_length, after=args.after, head=args.head,
@@ -217,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in (("lr", float), ("epochs", float), ("batch-size", int), ("eval-every", int),
                        ("patience", int), ("seed", int), ("stop-after", int)):
         p.add_argument(f"--{flag}", type=kind, help="default: the method's setting (docs/training.md)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16"),
+                   help="bf16: forward passes (training and evaluation) under bfloat16 autocast, δ and the optimiser "
+                        "state in float32 (default: what `accelerate launch --mixed_precision` set, else no)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate the best δ of a run folder")

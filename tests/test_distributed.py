@@ -125,3 +125,17 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused_before_anything_is
     assert "--batch-size 7: the global batch is split evenly over the 2 processes, so it must be a multiple of 2" \
         in done.stderr
     assert not out.exists()
+
+
+def test_bf16_autocast_trains_close_to_float32_but_not_equal(bert_folder, tmp_path, one_thread, capsys):
+    """``--mixed-precision bf16`` really computes in bfloat16 (its losses are not float32's) and stays close to it."""
+    args = ["--method", "lora:r=4", "--model", str(bert_folder), "--lr", "0.01", *COMMON]
+    single([*args, "--out", str(tmp_path / "fp32")])
+    single([*args, "--out", str(tmp_path / "bf16"), "--mixed-precision", "bf16"])
+    assert "computing under bfloat16 autocast" in capsys.readouterr().out
+    assert json.loads((tmp_path / "bf16" / "run.json").read_text())["train"]["mixed_precision"] == "bf16"
+    for x, y in zip(log(tmp_path / "fp32"), log(tmp_path / "bf16")):
+        assert x["train_loss"] != y["train_loss"]  # float32 would give the same losses to the last bit
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=0.05)
+    delta = best_delta(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in delta.values())

@@ -305,3 +305,17 @@ def test_a_combination_penalises_with_the_sum_of_its_parts():
     assert min(alone) > 0
     delta = dc.attach(model, dc.chain(a, b))
     torch.testing.assert_close(delta.controller.penalty().item(), sum(alone), atol=1e-12, rtol=0)
+
+
+def test_every_planted_mutant_still_finds_its_line():
+    """A mutant whose snippet has gone from its file (the code was rewritten) plants nothing and proves nothing."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "mutants.py"
+    spec = importlib.util.spec_from_file_location("deltactl_mutants", path)
+    mutants = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mutants  # its dataclasses look their module up there
+    spec.loader.exec_module(mutants)
+    assert mutants._check(list(enumerate(mutants.MUTANTS, 1))) == []

@@ -82,8 +82,8 @@ MUTANTS = [
     Mutant("deltactl/methods/lora.py", "x if self.dropout is None else self.dropout(x)",
            "x if self.dropout is None else F.dropout(x, self.dropout.p, training=True)",
            f"{K} -k lora_dropout", "LoRA dropout active in eval mode"),
-    Mutant("deltactl/train/loop.py", "        _truncate_log(out / \"log.jsonl\", progress[\"step\"])\n",
-           "        pass\n", f"{K} -k resume_drops", "resume keeps duplicate rows in log.jsonl"),
+    Mutant("deltactl/train/loop.py", "on_main(lambda: _truncate_log(out / \"log.jsonl\", progress[\"step\"]))",
+           "None", f"{K} -k resume_drops", "resume keeps duplicate rows in log.jsonl"),
     Mutant("deltactl/train/loop.py",
            "[{\"params\": decay, \"weight_decay\": config.weight_decay}, {\"params\": no_decay, \"weight_decay\": 0.0}]",
            "[{\"params\": no_decay, \"weight_decay\": config.weight_decay}, {\"params\": decay, \"weight_decay\": 0.0}]",
@@ -190,7 +190,8 @@ MUTANTS = [
     Mutant("deltactl/train/loop.py", "kept = [e for e in read_log(path) if e[\"step\"] <= step]",
            "kept = [e for e in read_log(path) if e[\"step\"] < step]",
            f"{K} -k resume_drops", "resume drops the checkpoint's own evaluation"),
-    Mutant("deltactl/train/checkpoint.py", "    torch.set_rng_state(tensors[\"rng/torch\"])\n", "    pass\n",
+    Mutant("deltactl/train/checkpoint.py", "    torch.set_rng_state(tensors.get(f\"rng/torch/{rank}\", tensors[\"rng/torch\"]))\n",
+           "    pass\n",
            f"{L} -k resume", "the RNG state is not restored"),
     Mutant("deltactl/train/checkpoint.py", "    scheduler.load_state_dict(meta[\"scheduler\"])\n", "    pass\n",
            f"{L} -k resume", "the schedule restarts on resume"),
@@ -309,6 +310,11 @@ MUTANTS = [
            "if False:", "tests/test_llama_family.py -k sliding", "prefix rows allowed under a sliding window"),
     Mutant("deltactl/train/models.py", "logits = logits[:, -labels.shape[1]:]", "logits = logits[:, :labels.shape[1]]",
            "tests/test_causal_lm_train.py", "causal LM scores read the prompt's rows instead of the tokens'"),
+    Mutant("deltactl/train/loop.py", "            with computing():\n                loss = loss_fn(model, batch)",
+           "            with computing(), accelerator.no_sync(model):\n                loss = loss_fn(model, batch)",
+           "tests/test_distributed.py -k keep_the_delta", "processes train on their shares without exchanging gradients"),
+    Mutant("deltactl/train/loop.py", "enabled=config.mixed_precision == \"bf16\"", "enabled=False",
+           "tests/test_distributed.py -k bf16", "--mixed-precision bf16 computes in float32"),
 ]
 
 

@@ -43,6 +43,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     stop_after: int | None = None  # halt after this many steps, leaving a checkpoint to resume from
+    mixed_precision: str = "no"  # "bf16": forward passes under bfloat16 autocast (δ and optimiser state float32)
 
     def __post_init__(self):
         """Refuse values that cannot train, naming the option, the value and what is allowed."""
@@ -71,6 +72,9 @@ class TrainConfig:
             raise bad("max_grad_norm", "a number ≥ 0 (0: no clipping)")
         if not whole(self.seed):
             raise bad("seed", "a whole number")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise bad("mixed_precision", "'no' or 'bf16' (float16 autocast is not offered: train a float16 checkpoint "
+                      "as it is, with loss scaling, or compute in bf16)")
 
 
 @dataclass
@@ -107,8 +111,9 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     state = processes()
     check_global_batch(config.batch_size)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True)
+    accelerator = Accelerator(  # precision is config.mixed_precision's (below), whatever the launcher's variables say
+        cpu=not torch.cuda.is_available(), mixed_precision="no",
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total = max(1, math.ceil(config.epochs * steps_per_epoch))
@@ -123,6 +128,12 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = _loss_scaler(model, trainable)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # bf16 autocast is ours rather than accelerate's: its setting is fixed once per process, and a run records it
+    computing = lambda: torch.autocast(  # noqa: E731
+        accelerator.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"
+    )
+    if config.mixed_precision == "bf16":
+        accelerator.print("computing under bfloat16 autocast; δ and the optimiser state stay float32")
     if scaler is not None:
         accelerator.print("float16 model: δ trains in float32 with dynamic loss scaling")
 
@@ -155,7 +166,8 @@ def fit(
         epoch, done = divmod(progress["step"], steps_per_epoch)
         for batch in _epoch_batches(accelerator, train_set, collate, config, epoch, skip=done):
             model.train()
-            loss = loss_fn(model, batch)
+            with computing():
+                loss = loss_fn(model, batch)
             too_small = scaler is not None and scaler.get_scale() < 1
             # the loss of the global batch (each process holds its share's mean): every process sees the same
             # value, so all take the same decision below
@@ -204,7 +216,9 @@ def fit(
             step = progress["step"]
             if step % config.eval_every == 0 or step == total:
                 def evaluation(loss=value):
-                    return _evaluate(model, evaluate, main_metric, config, progress, loss, out, save_best), progress
+                    with computing():
+                        status = _evaluate(model, evaluate, main_metric, config, progress, loss, out, save_best)
+                    return status, progress
 
                 status, decided = on_main(evaluation)
                 progress.update(decided)
