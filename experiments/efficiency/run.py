@@ -34,6 +34,9 @@ PAPER = "Ding et al. 2023: delta tuning saves up to ~3/4 of GPU memory at small 
 def configure(p) -> None:
     p.add_argument("--shapes", help=f"comma-separated T5 shapes, replacing the setting's ({', '.join(SHAPES)})")
     p.add_argument("--batches", help="comma-separated batch sizes, replacing the setting's")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: peak memory from the CUDA allocator, reset per "
+                   "configuration (each still runs in its own process)")
+    p.add_argument("--bf16", action="store_true", help="the loss computation under bfloat16 autocast")
 
 
 def _list(text: str, cast=str) -> list:
@@ -49,6 +52,8 @@ def probe(shape: str, method: str, batch: int, cfg: dict, cache: Path) -> dict:
     options = cfg["method_options"].get(method, {})
     key = {"shape": shape, "method": method, "batch": batch, "options": options, "steps": cfg["steps"],
            "source_length": cfg["source_length"], "target_length": cfg["target_length"], "threads": cfg["threads"]}
+    if cfg.get("device", "cpu") != "cpu" or cfg.get("bf16"):  # CPU float32 keys stay as they were: caches still hit
+        key.update(device=cfg["device"], bf16=cfg.get("bf16", False))
     stored = cache / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
     if stored.exists():
         return json.loads(stored.read_text())
@@ -56,7 +61,8 @@ def probe(shape: str, method: str, batch: int, cfg: dict, cache: Path) -> dict:
         sys.executable, str(HERE / "probe.py"), "--shape", shape, "--method", method, "--batch", str(batch),
         "--options", json.dumps(options), "--steps", str(cfg["steps"]),
         "--source-length", str(cfg["source_length"]), "--target-length", str(cfg["target_length"]),
-        "--threads", str(cfg["threads"]),
+        "--threads", str(cfg["threads"]), "--device", cfg.get("device", "cpu"),
+        *(["--bf16"] if cfg.get("bf16") else []),
     ]
     path = os.pathsep.join(filter(None, (str(HERE.parents[1]), os.environ.get("PYTHONPATH"))))
     env = {**os.environ, "PYTHONPATH": path}
@@ -79,6 +85,7 @@ def measure(cfg: dict, args) -> dict:
         cfg["shapes"] = _list(args.shapes)
     if args.batches:
         cfg["batches"] = _list(args.batches, int)
+    cfg.update(device=args.device, bf16=args.bf16)
     rows = []
     for shape in cfg["shapes"]:
         for batch in cfg["batches"]:
@@ -120,12 +127,14 @@ def plot(payload: dict, path: Path) -> None:
             label = LABELS.get(method, method)
             ax_mem.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
             ax_time.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
-        for ax, what in ((ax_mem, "peak RSS added (MiB)"), (ax_time, "forward + backward (ms)")):
+        gpu = payload["settings_used"].get("device", "cpu") != "cpu"
+        memory = "peak CUDA memory allocated (MiB)" if gpu else "peak RSS added (MiB)"
+        for ax, what in ((ax_mem, memory), (ax_time, "forward + backward (ms)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("batch size")
             ax.set_ylabel(what)
-            ax.set_title(f"{shape}, random init, CPU", fontsize=9)
+            ax.set_title(f"{shape}, random init, {payload['settings_used'].get('device', 'cpu').upper()}", fontsize=9)
             ax.grid(alpha=0.3)
         ax_mem.legend(fontsize=7)
     save_figure(fig, path, f"efficiency, {payload['mode']} setting (one process per point)")
