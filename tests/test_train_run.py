@@ -52,7 +52,8 @@ def _train_command(out, folder, stop_after=None):
 def test_killed_run_resumes_to_the_same_delta(t5_folder, tmp_path):
     """Kill -9 the training process after its first checkpoint, rerun the same command: same δ as one run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_train_command(tmp_path / "whole", t5_folder), check=True, env=env, capture_output=True)
+    first = subprocess.run(_train_command(tmp_path / "whole", t5_folder), env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
     process = subprocess.Popen(_train_command(tmp_path / "killed", t5_folder), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -62,8 +63,8 @@ def test_killed_run_resumes_to_the_same_delta(t5_folder, tmp_path):
     process.wait()
     progress = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["progress"]
     assert progress["step"] < 24  # it was killed before the end
-    resumed = subprocess.run(_train_command(tmp_path / "killed", t5_folder), check=True, env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(_train_command(tmp_path / "killed", t5_folder), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step" in resumed.stdout
     from safetensors.torch import load_file
 
