@@ -1,88 +1,334 @@
-"""Transferability of deltas across tasks (Ding et al. 2023, §4.3, Fig. 7).
+"""Transferability of deltas across tasks (Ding et al. 2023, §4.3, Fig. 7), on the study protocol.
 
-A delta is trained on task A, then evaluated as it is (zero-shot) on task B. The encoder reads every task
-through the frozen label-word head of ``deltactl.train.models`` (logits_c = τ·cos(pooled sentence, embedding of
-class c's verbaliser word)): nothing but δ trains, so δ carries the whole task, and on B the same δ is read
-against B's own label words ("positive"/"negative", "entailment"/"not entailment", "equivalent"/...). Every pair
-is therefore scored, across task types too, as in the paper's text-to-text setting. The matrix entry is the
-relative performance metric_B(δ_A) / metric_B(δ_B); an extra row gives the zero-shot model (δ = 0) the same way,
-so a transfer can be told apart from what the head does on its own. The paper (prompt tuning, T5-base): deltas
-transfer well between tasks of the same type (sentiment ↔ sentiment), poorly across types.
+A prompt (prompt tuning, the paper's method for this study) is trained on task A's LM-BFF 16-shot split, with its
+learning rate from a small grid and its stopping step chosen on the split's own 16-shot dev file (the selection
+split); it is then evaluated unchanged on every task B's report split (B's test set, never seen by a choice). The
+encoder reads every task through the frozen label-word head of ``deltactl.train.models``, so nothing but δ trains
+and on B the same δ is read against B's own label words. Two baselines sit in the matrix: the model without δ
+(zero-shot) and a random δ with the trained δ's norm. The five LM-BFF splits are the seeds; every cell is a mean
+with a bootstrap interval over them, and the claims are read by the rules stated in README.md before the run.
 
     python experiments/transferability/run.py --quick
-    python experiments/transferability/run.py --setting reduced
+    python experiments/transferability/run.py                  # the full study (resumable)
+    python experiments/transferability/run.py --seeds 13,21,42  # only these seeds
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: import the deltactl beside experiments/
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
-from deltactl.experiments.finetune import Budget, run_budgeted, subset  # noqa: E402
+from deltactl.experiments import protocol as pr  # noqa: E402
+from deltactl.experiments.finetune import subset  # noqa: E402
 from deltactl.experiments.study import main, mean_std, save_figure, threads, work_dir  # noqa: E402
+from deltactl.tasks import get_task  # noqa: E402
 from deltactl.train import run  # noqa: E402
+from deltactl.train.loop import fit  # noqa: E402
 
 PAPER = ("Ding et al. 2023, Fig. 7 (prompt tuning, T5-base): relative performance is high between tasks of the "
          "same type (e.g. sentiment) and low across types")
 HEAD = "label_words"
 ZERO_SHOT = "zero-shot"
+TRAINED, RANDOM = "trained", "random δ"
+REPORT_SEED = 0  # the seeded subset of a large test set: the same for every split seed
 
 
-def score(method: str, source_folder: Path | None, target: str, budget: Budget, data, metric: str) -> float:
-    """``metric`` on ``target``'s dev subset of the δ kept in ``source_folder/best`` (None: the model without δ)."""
-    spec = run.resolve(method if source_folder else run.FULL_FINE_TUNING, target, {"batch_size": budget.batch_size},
-                       max_length=budget.max_length, head=HEAD)
-    task, task_model, _ = run.build(spec, data)
-    if source_folder is not None:
-        params = dict(task_model.model.named_parameters())
+def configure(p) -> None:
+    p.add_argument("--seeds", help="comma-separated subset of the setting's seeds to train, evaluate and report")
+
+
+# ----------------------------------------------------------------------------------------------------- splits
+
+def splits(cfg: dict, data) -> tuple[dict, dict, dict]:
+    """(train and selection splits by (task, seed), report split by task, dropped report examples by task)."""
+    tasks = [t for group in cfg["groups"].values() for t in group]
+    fitting, report, dropped = {}, {}, {}
+    for task in tasks:
+        for seed in cfg["seeds"]:
+            loaded = get_task(task, data=data, kshot_seed=seed)
+            fitting[(task, seed)] = {"train": loaded.train, "dev": loaded.dev}
+        test = get_task(task, data=data, kshot_seed=cfg["seeds"][0]).test  # the same file in every split folder
+        seen = {pr.example_key(e) for (t, _), s in fitting.items() if t == task for e in s["train"] + s["dev"]}
+        clean = [e for e in test if pr.example_key(e) not in seen]  # a test sentence also in a 16-shot file: out
+        dropped[task] = len(test) - len(clean)
+        report[task] = subset(clean, cfg.get("report_examples"), seed=REPORT_SEED)
+    selection = [e for s in fitting.values() for e in s["dev"]]
+    used = selection + [e for s in fitting.values() for e in s["train"]]
+    pr.check_disjoint(used, [e for examples in report.values() for e in examples])
+    return fitting, report, dropped
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+def spec_for(cfg: dict, task: str, seed: int, lr: float, epochs: float = 1.0, method: str | None = None):
+    t = cfg["train"]
+    method = cfg["methods"][0] if method is None else method
+    options = {**cfg.get("method_options", {}), "seed": seed} if method != run.FULL_FINE_TUNING else None
+    return run.resolve(method, task, {"batch_size": t["batch_size"], "eval_every": t["eval_every"], "seed": seed,
+                                      "epochs": epochs, "patience": t["patience"], "lr": lr},
+                       method_options=options, max_length=t["max_length"], head=HEAD, kshot_seed=seed)
+
+
+def train(cfg: dict, task: str, seed: int, lr: float, fitting: dict, folder: Path, data) -> dict:
+    """Train δ on (task, seed) with ``lr`` until the selection score stops improving; the record (cached)."""
+    t = cfg["train"]
+    key = {"task": task, "seed": seed, "lr": lr, "method": cfg["methods"][0], "options": cfg.get("method_options"),
+           "train": t}
+    stored = folder / "result.json"
+    if stored.exists() and json.loads(stored.read_text()).get("key") == key:
+        return json.loads(stored.read_text())
+    if folder.exists() and (not (folder / "key.json").exists() or json.loads((folder / "key.json").read_text()) != key):
+        shutil.rmtree(folder)  # another setting's run: never resume it into this one
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "key.json").write_text(json.dumps(key) + "\n")
+    started = time.perf_counter()
+    spec = spec_for(cfg, task, seed, lr, epochs=float(t["max_epochs"]))
+    _, task_model, _ = run.build(spec, data)
+    trainable = run.trainable_parameters(task_model)
+    train_set, dev_set = fitting[(task, seed)]["train"], fitting[(task, seed)]["dev"]
+
+    def save_best(best: Path):
+        best.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, str(best / "trainable.safetensors"))
+
+    outcome = fit(task_model.model, trainable, train_set, task_model.collate, task_model.loss,
+                  lambda: task_model.evaluate(task_model.model, dev_set, 64), "accuracy", spec.train, folder,
+                  save_best)
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+    record = {"key": key, "task": task, "seed": seed, "lr": lr, "selection_accuracy": outcome.best_metric,
+              "best_step": outcome.best_step, "steps": outcome.steps, "status": outcome.status,
+              "seconds": round(time.perf_counter() - started, 1)}
+    stored.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def random_like(delta: dict, seed: int, source: str) -> dict:
+    """A δ of the same shape and (per tensor) the same Frobenius norm as ``delta``, in a random direction."""
+    digest = int(hashlib.sha256(f"{seed}/{source}".encode()).hexdigest()[:12], 16)
+    generator = torch.Generator().manual_seed(digest)
+    out = {}
+    for name, value in sorted(delta.items()):
+        direction = torch.randn(value.shape, generator=generator, dtype=torch.float64)
+        out[name] = (direction * (value.double().norm() / direction.norm())).to(value.dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+class Evaluator:
+    """acc_B(δ) on B's report split, one model per target B (δ swapped in), every result cached on disk."""
+
+    def __init__(self, cfg: dict, report: dict, cache: Path, data):
+        self.cfg, self.report, self.data, self.models = cfg, report, data, {}
+        self.cache = cache
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        setting = {"report": {t: pr.split_keys(e) for t, e in report.items()}, "train": cfg["train"],
+                   "options": cfg.get("method_options"), "method": cfg["methods"][0]}
+        self.setting = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
+        self.values = {}
+        if cache.exists():
+            stored = json.loads(cache.read_text())
+            if stored.get("setting") == self.setting:
+                self.values = stored["values"]
+
+    def __call__(self, name: str, target: str, delta: dict | None) -> float:
+        if name in self.values:
+            return self.values[name]
+        method = run.FULL_FINE_TUNING if delta is None else self.cfg["methods"][0]
+        if (method, target) not in self.models:
+            _, task_model, _ = run.build(spec_for(self.cfg, target, self.cfg["seeds"][0], 1e-3, method=method),
+                                         self.data)
+            task_model.model.eval()
+            self.models[(method, target)] = task_model
+        task_model = self.models[(method, target)]
+        if delta is not None:
+            params = dict(task_model.model.named_parameters())
+            with torch.no_grad():
+                for key, value in delta.items():
+                    params[key].copy_(value)
         with torch.no_grad():
-            for name, value in load_file(str(source_folder / "best" / "trainable.safetensors")).items():
-                params[name].copy_(value)
-    task_model.model.eval()
-    with torch.no_grad():
-        return task_model.evaluate(task_model.model, subset(task.dev, budget.dev_examples), 64)[metric]
+            value = task_model.evaluate(task_model.model, self.report[target], 64)[self.cfg["metric"]]
+        self.values[name] = value
+        tmp = self.cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"setting": self.setting, "values": self.values}) + "\n")
+        os.replace(tmp, self.cache)
+        return value
 
+
+# --------------------------------------------------------------------------------------------------- measure
 
 def measure(cfg: dict, args) -> dict:
     threads()
-    budget = Budget(**cfg["budget"])
+    if getattr(args, "seeds", None):
+        wanted = [int(s) for s in args.seeds.split(",")]
+        unknown = sorted(set(wanted) - set(cfg["seeds"]))
+        if unknown:
+            raise ValueError(f"--seeds {args.seeds}: {unknown} not among the setting's seeds {cfg['seeds']}")
+        cfg = {**cfg, "seeds": [s for s in cfg["seeds"] if s in wanted]}
     tasks = [t for group in cfg["groups"].values() for t in group]
-    metric = cfg["metric"]
     work = work_dir("transferability", args)
-    cells, trained = [], 0.0
-    zero_shot = {t: score("", None, t, budget, args.data, metric) for t in tasks}
+    fitting, report, dropped = splits(cfg, args.data)
+    evaluate = Evaluator(cfg, report, work / "evaluations.json", args.data)
+    zero = {t: evaluate(f"{ZERO_SHOT}|{t}", t, None) for t in tasks}
+    cells, runs, train_seconds = [], [], 0.0
     for seed in cfg["seeds"]:
-        for method in cfg["methods"]:
-            folders = {}
-            for source in tasks:
-                folders[source] = work / f"{source}-{method}-{HEAD}-seed{seed}"
-                record = run_budgeted(method, source, seed, budget, folders[source], data=args.data,
-                                      keep_weights=True, head=HEAD)
-                trained += record["seconds"]
-            for source in [*tasks, ZERO_SHOT]:
-                for target in tasks:
-                    value = zero_shot[target] if source == ZERO_SHOT else score(
-                        method, folders[source], target, budget, args.data, metric)
-                    cells.append({"method": method, "seed": seed, "source": source, "target": target,
-                                  "metric": metric, "value": value})
-                    print(f"{method} seed {seed}: {source} → {target} {metric} {value:.4f}", flush=True)
-    return {"seeds": cfg["seeds"], "paper": PAPER, "head": HEAD, "cells": cells, "zero_shot": zero_shot,
+        deltas = {}
+        for task in tasks:
+            records = {lr: train(cfg, task, seed, lr, fitting, work / "runs" / f"{task}-seed{seed}-lr{lr:g}",
+                                 args.data) for lr in cfg["lr_grid"]}
+            best, scores = pr.select(cfg["lr_grid"], lambda lr, done=records: done[lr]["selection_accuracy"])
+            train_seconds += sum(r["seconds"] for r in records.values())
+            runs.append({"task": task, "seed": seed, "lr": best, "selection_scores": {f"{k:g}": v for k, v in
+                                                                                     scores.items()},
+                         "best_step": records[best]["best_step"], "steps": records[best]["steps"],
+                         "status": records[best]["status"]})
+            deltas[task] = load_file(str(work / "runs" / f"{task}-seed{seed}-lr{best:g}" / "best" /
+                                         "trainable.safetensors"))
+        for source in tasks:
+            noise = random_like(deltas[source], seed, source)
+            for target in tasks:
+                # the random δ only where a claim reads it: the diagonal and the pairs of one type
+                rows = ((TRAINED, deltas[source]), (RANDOM, noise)) if same_type(cfg, source, target) else \
+                    ((TRAINED, deltas[source]),)
+                for row, delta in rows:
+                    value = evaluate(f"{row}|{source}|{target}|{seed}", target, delta)
+                    cells.append({"method": cfg["methods"][0], "row": row, "seed": seed, "source": source,
+                                  "target": target, "metric": cfg["metric"], "value": value})
+                    print(f"seed {seed}: {row} {source} → {target} {value:.4f} (zero-shot {zero[target]:.4f})",
+                          flush=True)
+        for target in tasks:
+            cells.append({"method": cfg["methods"][0], "row": ZERO_SHOT, "seed": seed, "source": ZERO_SHOT,
+                          "target": target, "metric": cfg["metric"], "value": zero[target]})
+    return {"seeds": cfg["seeds"], "paper": PAPER, "head": HEAD, "model": "all-MiniLM-L6-v2",
+            "protocol": {"selection": pr.split_keys([e for s in fitting.values() for e in s["dev"]]),
+                         "report": pr.split_keys([e for examples in report.values() for e in examples]),
+                         "selection_split": "each split's 16-shot dev file", "report_split":
+                         "the task's test set (seeded subset of report_examples where larger)",
+                         "report_sizes": {t: len(e) for t, e in report.items()},
+                         "report_dropped_as_seen": dropped},
+            "runs": runs, "cells": cells, "zero_shot": zero,
+            "table": table(cells, cfg), "gain": gain_matrix(cells, cfg), "verdicts": verdicts(cells, cfg),
             "matrix": relative(cells, cfg), "summary": by_type(cells, cfg),
-            "compute_seconds": round(trained, 1)}  # the training runs (reused ones with their own time)
+            "train_seconds": round(train_seconds, 1)}
 
+
+def _value(cells: list[dict], row: str, source: str, target: str, seed: int) -> float:
+    for c in cells:
+        if (c.get("row", TRAINED if c["source"] != ZERO_SHOT else ZERO_SHOT), c["source"], c["target"], c["seed"]) \
+                == (row, source, target, seed):
+            return c["value"]
+    raise KeyError((row, source, target, seed))
+
+
+def _seeds(cells: list[dict]) -> list:
+    return sorted({c["seed"] for c in cells})
+
+
+def same_type(cfg: dict, a: str, b: str) -> bool:
+    group = {t: g for g, members in cfg["groups"].items() for t in members}
+    return group[a] == group[b]
+
+
+def table(cells: list[dict], cfg: dict) -> list[dict]:
+    """One row per (row kind, A, B): the accuracy on B's report split, mean and interval over seeds (the random δ
+    on the diagonal and the same-type pairs only)."""
+    tasks = [t for group in cfg["groups"].values() for t in group]
+    rows = []
+    for row in (TRAINED, RANDOM, ZERO_SHOT):
+        for source in ([ZERO_SHOT] if row == ZERO_SHOT else tasks):
+            for target in tasks:
+                if row == RANDOM and not same_type(cfg, source, target):
+                    continue
+                values = [_value(cells, row, source, target, s) for s in _seeds(cells)]
+                name = f"{ZERO_SHOT} → {target}" if row == ZERO_SHOT else f"{row} {source} → {target}"
+                rows.append({"method": name, "row": row, "source": source, "target": target,
+                             "summary": pr.summary(values).to_dict()})
+    return rows
+
+
+def gain_matrix(cells: list[dict], cfg: dict) -> dict:
+    """Per row kind: acc_B(δ_A) − acc_B(0), per (A, B), as a summary over seeds (mean, low, high); None where the
+    random δ was not evaluated (pairs across types)."""
+    tasks = [t for group in cfg["groups"].values() for t in group]
+    out = {}
+    for row in (TRAINED, RANDOM):
+        out[row] = [[pr.paired_summary([_value(cells, row, a, b, s) for s in _seeds(cells)],
+                                       [_value(cells, ZERO_SHOT, ZERO_SHOT, b, s) for s in _seeds(cells)]).to_dict()
+                     if row == TRAINED or same_type(cfg, a, b) else None for b in tasks] for a in tasks]
+    return {"tasks": tasks, **out}
+
+
+def pairs(cfg: dict, kind: str) -> list[tuple[str, str]]:
+    """(A, B) pairs: ``own`` (A = B), ``same`` type (A ≠ B), ``across`` types, or ``within <group>``."""
+    group = {t: g for g, members in cfg["groups"].items() for t in members}
+    tasks = list(group)
+    if kind == "own":
+        return [(t, t) for t in tasks]
+    if kind == "same":
+        return [(a, b) for a in tasks for b in tasks if a != b and group[a] == group[b]]
+    if kind == "across":
+        return [(a, b) for a in tasks for b in tasks if group[a] != group[b]]
+    name = kind.removeprefix("within ")
+    return [(a, b) for a in tasks for b in tasks if a != b and group[a] == group[b] == name]
+
+
+def _mean_difference(cells, pair_list, seed, against) -> float:
+    """Mean over pairs of acc_B(δ_A) − acc_B(baseline), the baseline being zero-shot or the random δ of A."""
+    diffs = [_value(cells, TRAINED, a, b, seed) - (_value(cells, ZERO_SHOT, ZERO_SHOT, b, seed) if against ==
+             ZERO_SHOT else _value(cells, RANDOM, a, b, seed)) for a, b in pair_list]
+    return sum(diffs) / len(diffs)
+
+
+# The claims and rules of README.md, stated before the full run: (id, claim, per-seed quantity).
+CLAIMS = (
+    ("C0", "(precondition) the trained prompt learns its own task: acc_B(δ_B) − acc_B(0) > 0", "own", ZERO_SHOT),
+    ("C1", "within a task type, δ_A transfers to B: acc_B(δ_A) − acc_B(0) > 0", "same", ZERO_SHOT),
+    ("C1s", "within sentiment: acc_B(δ_A) − acc_B(0) > 0", "within sentiment", ZERO_SHOT),
+    ("C1n", "within NLI: acc_B(δ_A) − acc_B(0) > 0", "within nli", ZERO_SHOT),
+    ("C2", "within a task type, δ_A beats a random δ of its norm: acc_B(δ_A) − acc_B(ρ_A) > 0", "same", RANDOM),
+    ("C3", "transfer is better within a type than across types: gain over zero-shot, same type − across types",
+     "same−across", ZERO_SHOT),
+)
+
+
+def verdicts(cells: list[dict], cfg: dict) -> list[dict]:
+    rule, out = pr.BetterRule(), []
+    for claim_id, claim, kind, against in CLAIMS:
+        if kind == "same−across":
+            if not pairs(cfg, "same") or not pairs(cfg, "across"):
+                continue
+            values = [_mean_difference(cells, pairs(cfg, "same"), s, against)
+                      - _mean_difference(cells, pairs(cfg, "across"), s, against) for s in _seeds(cells)]
+        else:
+            if not pairs(cfg, kind):
+                continue  # e.g. a setting with one NLI task has no NLI pair
+            values = [_mean_difference(cells, pairs(cfg, kind), s, against) for s in _seeds(cells)]
+        difference = pr.summary(values)
+        out.append({"id": claim_id, "claim": claim, "pairs": kind, "against": against, "rule": pr.rule_record(rule),
+                    "difference": difference.to_dict(), "verdict": rule.verdict(difference)})
+    return out
+
+
+# ------------------------------------------------------------------------- the paper's relative performance
 
 def relative(cells: list[dict], cfg: dict) -> dict:
-    """Per method: row and column order and the matrix of mean relative performance (last row: zero-shot)."""
+    """Per method: row and column order and the matrix of mean relative performance metric_B(δ_A) / metric_B(δ_B)
+    over seeds (last row: zero-shot); trained cells only."""
     tasks = [t for group in cfg["groups"].values() for t in group]
     out = {}
     for method in cfg["methods"]:
-        mine = [c for c in cells if c["method"] == method]
+        mine = [c for c in cells if c["method"] == method and c.get("row") in (None, TRAINED, ZERO_SHOT)]
         own = {(c["target"], c["seed"]): c["value"] for c in mine if c["source"] == c["target"]}
         matrix = []
         for source in [*tasks, ZERO_SHOT]:
@@ -98,13 +344,12 @@ def relative(cells: list[dict], cfg: dict) -> dict:
 
 def by_type(cells: list[dict], cfg: dict) -> dict:
     """Per method and kind of pair (same type, across types; A ≠ B): the mean relative performance, and the mean
-    gain over the zero-shot model, metric_B(δ_A) − metric_B(0), which tells a transfer from what the label-word
-    head does without any δ."""
+    gain over the zero-shot model, metric_B(δ_A) − metric_B(0) (descriptive; the verdicts are ``verdicts``)."""
     kind = {t: group for group, members in cfg["groups"].items() for t in members}
     zero = {c["target"]: c["value"] for c in cells if c["source"] == ZERO_SHOT}
     out = {}
     for method, block in relative(cells, cfg).items():
-        pairs: dict[str, dict[str, list]] = {}
+        found: dict[str, dict[str, list]] = {}
         for source, row in zip(block["rows"], block["relative"]):
             for target, value in zip(block["tasks"], row):
                 if value is None or source == target:
@@ -115,42 +360,60 @@ def by_type(cells: list[dict], cfg: dict) -> dict:
                     keys = ["same type", f"within {kind[source]}"]
                 else:
                     keys = ["across types"]
-                gains = [c["value"] - zero[target] for c in cells
-                         if (c["method"], c["source"], c["target"]) == (method, source, target)]
+                gains = [c["value"] - zero[target] for c in cells if c.get("row") in (None, TRAINED, ZERO_SHOT)
+                         and (c["method"], c["source"], c["target"]) == (method, source, target)]
                 for key in keys:
-                    pairs.setdefault(key, {"relative": [], "gain": []})
-                    pairs[key]["relative"].append(value)
-                    pairs[key]["gain"].append(mean_std(gains)[0])
+                    found.setdefault(key, {"relative": [], "gain": []})
+                    found[key]["relative"].append(value)
+                    found[key]["gain"].append(mean_std(gains)[0])
         out[method] = {k: {"relative": round(mean_std(v["relative"])[0], 4), "gain_over_zero_shot":
-                           round(mean_std(v["gain"])[0], 4), "pairs": len(v["relative"])} for k, v in pairs.items()}
+                           round(mean_std(v["gain"])[0], 4), "pairs": len(v["relative"])} for k, v in found.items()}
     return out
 
+
+# ------------------------------------------------------------------------------------------------------ plot
 
 def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    methods = list(payload["matrix"])
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.0 * len(methods), 4.4), squeeze=False)
-    for ax, method in zip(axes[0], methods):
-        tasks = payload["matrix"][method]["tasks"]
-        rows = payload["matrix"][method].get("rows", tasks)
-        values = np.array([[np.nan if v is None else v for v in row] for row in payload["matrix"][method]["relative"]])
-        image = ax.imshow(values, vmin=0, vmax=1.2, cmap="viridis")
-        for i in range(len(rows)):
-            for j in range(len(tasks)):
-                text = "—" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w")
-        ax.set_xticks(range(len(tasks)), tasks, rotation=45, fontsize=7)
-        ax.set_yticks(range(len(rows)), rows, fontsize=7)
-        ax.set_xlabel("evaluated on (B)")
-        ax.set_ylabel("trained on (A)")
-        ax.set_title(f"{method}: metric_B(δ_A) / metric_B(δ_B)", fontsize=9)
+    tasks = payload["gain"]["tasks"]
+    fig, axes = plt.subplots(1, 3, figsize=(16.5, 5.0), gridspec_kw={"width_ratios": [1, 1, 1.25]})
+    for ax, row in zip(axes[:2], (TRAINED, RANDOM)):
+        grid = payload["gain"][row]
+        means = np.array([[np.nan if cell is None else cell["mean"] for cell in line] for line in grid])
+        image = ax.imshow(means, vmin=-0.25, vmax=0.25, cmap="RdBu")
+        for i, line in enumerate(grid):
+            for j, cell in enumerate(line):
+                if cell is None:
+                    ax.text(j, i, "—", ha="center", va="center", fontsize=7)
+                    continue
+                ax.text(j, i, f"{cell['mean']:+.3f}\n[{cell['low']:+.3f},\n{cell['high']:+.3f}]", ha="center",
+                        va="center", fontsize=6)
+        ax.set_xticks(range(len(tasks)), tasks, fontsize=8)
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+        ax.set_xlabel("evaluated on (B), its report split")
+        ax.set_ylabel("trained on (A)" if row == TRAINED else "random δ with the norm of δ_A")
+        what = "δ_A" if row == TRAINED else "ρ_A (random δ, ‖ρ_A‖ = ‖δ_A‖)"
+        ax.set_title(f"acc_B({what}) − acc_B(zero-shot)\nmean [95% CI] over seeds", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
-    head = payload.get("head", "linear")
-    save_figure(fig, path, f"transferability, all-MiniLM-L6-v2 ({head} head)\n{payload['mode']} setting, "
-                           f"seeds {payload['seeds']}")
+    ax = axes[2]
+    verdicts_ = payload["verdicts"]
+    ys = np.arange(len(verdicts_))[::-1]
+    for y, v in zip(ys, verdicts_):
+        d = v["difference"]
+        color = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}[v["verdict"]]
+        ax.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", color=color,
+                    capsize=4)
+        ax.plot([d["low"], d["high"]], [y, y], color=color, lw=2)
+    ax.axvline(0.0, color="k", lw=0.8)
+    labels = [f"{v['id']} ({v['pairs']}, vs {v['against']}): {v['verdict']}" for v in verdicts_]
+    ax.set_yticks(ys, labels, fontsize=7)
+    ax.set_xlabel("accuracy difference, mean over seeds with 95% bootstrap CI")
+    ax.set_title("claims (rules in experiments/transferability/README.md)", fontsize=9)
+    save_figure(fig, path, f"transferability, prompt tuning on all-MiniLM-L6-v2 ({payload.get('head')} head), "
+                           f"16-shot splits as seeds {payload['seeds']}, {payload['mode']} setting")
 
 
 if __name__ == "__main__":
-    sys.exit(main(HERE, measure, plot))
+    sys.exit(main(HERE, measure, plot, configure=configure))
