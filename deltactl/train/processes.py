@@ -13,7 +13,9 @@ Without a launcher there is one process and every function here is a plain call.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -23,10 +25,15 @@ from accelerate.utils import broadcast_object_list, gather_object
 T = TypeVar("T")
 
 
+# How long a process waits at a collective for the others. While the main process evaluates (a whole dev set, on a
+# CPU perhaps) the others wait at a broadcast; torch's default of 30 minutes would end a run with a long evaluation.
+COLLECTIVE_TIMEOUT = timedelta(hours=6)
+
+
 def processes() -> PartialState:
     """accelerate's view of the processes of this run (one, unless started by a launcher); on CPU they talk
     through gloo."""
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=COLLECTIVE_TIMEOUT)
 
 
 def check_global_batch(batch_size: int) -> None:
@@ -47,12 +54,22 @@ def on_main(action: Callable[[], T]) -> T:
             outcome = [("value", action())]
         except Exception as err:  # noqa: BLE001 — handed to every process, then raised there
             outcome = [("error", err)]
+            if state.num_processes > 1 and not _picklable(err):
+                outcome = [("error", RuntimeError(f"{type(err).__name__}: {err}"))]
     if state.num_processes > 1:
         broadcast_object_list(outcome)
     kind, value = outcome[0]
     if kind == "error":
         raise value
     return value
+
+
+def _picklable(value) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:  # noqa: BLE001 — anything pickle raises means: send a plain copy instead
+        return False
+    return True
 
 
 def each_process(value: T) -> list[T]:
