@@ -2,9 +2,9 @@
 
 The supported order is: attach (or load) δ on the whole model, then ``fully_shard`` each block and the root; δ
 joins the root's FSDP group (sharded on dim 0, gathered for the forward pass, gradients averaged over the ranks).
-One module-scoped run of the two processes computes everything (about 20 s on two cores, a third of it importing
-torch in the two processes); the tests below read what it found. Each rank checks against an unsharded copy of the
-same model with the same δ, in its own process.
+One module-scoped run of the two processes computes everything (about 30 s on two cores, several seconds of it
+importing torch in the two processes); the tests below read what it found. Each rank checks against an unsharded
+copy of the same model with the same δ, in its own process.
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ METHODS = {  # method -> options; each is attached, sharded and compared with th
     "prefix": {"length": 2, "mid_dim": 6},
 }
 MERGED = ("ia3", "dora", "ln_tuning")  # merged beside LoRA
+PREFIX_CASES = {  # case -> (prefix options, each stack's first block left in the root's group)
+    "every memory": ({"length": 2, "mid_dim": 6}, False),
+    "decoder self-attention": ({"length": 2, "reparameterize": False, "sites": ("decoder.*.attn.kv",)}, False),
+    "block 1 only": ({"length": 3, "reparameterize": False, "sites": ("encoder.1.attn.kv", "decoder.1.*.kv")}, False),
+    "first block in the root": ({"length": 2, "mid_dim": 6}, True),
+}
 TIMEOUT = 300  # seconds for the whole two-process run: a hang fails instead of blocking the suite
 
 
@@ -52,14 +58,14 @@ def _worker(rank: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
-def _shard(model, mesh, *, prefix_safe=False, **options):
-    """fully_shard each block, then the root (the order FSDP2 asks for). ``prefix_safe``: leave each stack's first
-    block in the root's group (T5 prefixes read that block's relative position bias from the later blocks)."""
+def _shard(model, mesh, *, first_in_root=False, **options):
+    """fully_shard each block, then the root (the order FSDP2 asks for). ``first_in_root``: leave each stack's first
+    block in the root's group (the layout docs/fsdp.md once advised for T5 prefixes; it still works)."""
     from torch.distributed.fsdp import fully_shard
 
     for stack in (model.encoder, model.decoder):
         for i, block in enumerate(stack.block):
-            if not (prefix_safe and i == 0):
+            if not (first_in_root and i == 0):
                 fully_shard(block, mesh=mesh, **options)
     fully_shard(model, mesh=mesh, **options)
     return model
@@ -161,7 +167,7 @@ def _run(rank: int, folder: Path, found: dict) -> None:
     def rows(r):  # this rank's half of the batch
         return {k: v[2 * r:2 * r + 2] for k, v in batch.items()}
 
-    def pair(method, options, seed=5):
+    def pair(method, options, seed=5, first_in_root=False):
         """An unsharded model and a sharded one (attached, then sharded) with the same random δ."""
         ref = make()
         torch.manual_seed(seed)
@@ -172,7 +178,7 @@ def _run(rank: int, folder: Path, found: dict) -> None:
         model = make()
         delta = dc.attach(model, method, **options)
         delta.controller.load_state_dict(ref_delta.controller.state_dict())
-        return ref, ref_delta, _shard(model, mesh, prefix_safe=method == "prefix"), delta
+        return ref, ref_delta, _shard(model, mesh, first_in_root=first_in_root), delta
 
     # 1. forward and δ's gradient, per method, on the same batch on both ranks
     found["forward"], found["grad"], found["delta_types"] = {}, {}, {}
@@ -314,6 +320,44 @@ def _run(rank: int, folder: Path, found: dict) -> None:
     found["diverged"] = _refusal(lambda: delta.save(folder / "diverged"))
     del columns
 
+    # 8. T5 prefixes with every block its own FSDP unit: the memory rows' relative position bias comes from the table
+    # block 0 copies while it runs, so later blocks never read block 0's resharded weights. Placements: every
+    # memory; decoder self-attention only (PEFT's); rows in block 1 only (block 0 holds none, but still supplies the
+    # table); and each stack's first block in the root's group
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    found["prefix_units"] = {}
+    for case, (options, first_in_root) in PREFIX_CASES.items():
+        ref, ref_delta, model, delta = pair("prefix", options, first_in_root=first_in_root)
+        register_fsdp_forward_method(model, "generate")  # generate calls the encoder outside the root's forward
+        blocks = [*model.encoder.block, *model.decoder.block]
+        units = sum(isinstance(b, FSDPModule) for b in blocks)
+        with torch.no_grad():
+            forward = (model(**batch).logits - ref(**batch).logits).abs().max().item()
+            effect = (ref(**batch).logits - make()(**batch).logits).abs().max().item()
+        model.train()  # dropout is 0: train mode changes nothing but the mode FSDP and the hooks run in
+        ref.train()
+        model(**rows(rank), labels=rows(rank)["decoder_input_ids"]).loss.backward()
+        ref_loss = sum(ref(**rows(r), labels=rows(r)["decoder_input_ids"]).loss for r in range(WORLD)).div(WORLD)
+        ref_loss.backward()
+        grad = max((whole(p.grad) - q.grad).abs().max().item()
+                   for p, q in zip(delta.parameters(), ref_delta.parameters()) if q.grad is not None)
+        model.eval()
+        ref.eval()
+        with torch.no_grad():  # greedy decoding: the decoder runs token by token with a cache (past > 0)
+            generate = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                        "max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "output_scores": True,
+                        "return_dict_in_generate": True}
+            ours, theirs = model.generate(**generate), ref.generate(**generate)
+        scores, ref_scores = torch.stack(ours.scores), torch.stack(theirs.scores)
+        finite = ref_scores.isfinite()
+        found["prefix_units"][case] = {
+            "units": units, "blocks": len(blocks),
+            "forward": forward, "grad": grad, "prefix_effect": effect,
+            "generate_scores": (scores - ref_scores)[finite].abs().max().item(),
+            "generate_same": torch.equal(ours.sequences, theirs.sequences) and torch.equal(scores.isfinite(), finite),
+        }
+
 
 # ---- the tests ----------------------------------------------------------------------------------------------------
 
@@ -362,6 +406,19 @@ def test_sharded_forward_and_gradient_equal_the_unsharded_model(run):
             assert found["grad"][method] < TOL, method
             assert found["delta_types"][method] == ["DTensor"], method  # δ joined the root's FSDP group
         assert found["disabled_forward"] < TOL and found["detached_forward"] < TOL
+
+
+def test_t5_prefixes_with_every_block_its_own_unit_equal_the_unsharded_model(run):
+    """Forward, δ's gradient averaged over the ranks' halves of the batch, and greedy decoding with a cache, each
+    equal to the unsharded model's, with block 0 sharded like every other block."""
+    for found in run:
+        assert set(found["prefix_units"]) == set(PREFIX_CASES)
+        for case, (_, first_in_root) in PREFIX_CASES.items():
+            got = found["prefix_units"][case]
+            assert got["units"] == got["blocks"] - (2 if first_in_root else 0), case
+            assert got["prefix_effect"] > 1e-3, case  # the rows change the output: the comparison is not vacuous
+            assert got["forward"] < TOL and got["grad"] < TOL, (case, got)
+            assert got["generate_scores"] < TOL and got["generate_same"], (case, got)
 
 
 def test_a_training_step_averages_delta_gradients_over_the_ranks(run):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deltactl.backbones import compat
@@ -70,8 +71,10 @@ class T5Backbone(Backbone):
     def hook(self, site, control):
         if site.kind == "memory":
             attention = self.module(site)
-            widen = partial(_widen_position_bias, self.relative_bias_source(attention))
-            return MemoryHandle(attention, control, compat.eager_attention("t5"), widen)
+            source = self.relative_bias_source(attention)
+            table = None if source is None else _BiasTable.acquire(self._stack_of(attention), source)
+            widen = partial(_widen_position_bias, source, table)
+            return _MemoryHandle(MemoryHandle(attention, control, compat.eager_attention("t5"), widen), table)
         if site.kind == "sequence":
             return _SequenceHandle(self, control)
         return super().hook(site, control)
@@ -84,25 +87,31 @@ class T5Backbone(Backbone):
                 return first
         return None  # cross-attention: T5 gives it no position bias
 
+    def _stack_of(self, attention: nn.Module) -> nn.Module:
+        return next(stack for stack in self._stacks().values()
+                    if any(attention is b.layer[0].SelfAttention for b in stack.block))
+
 
 # ---- attention memory: the shared mechanism, with T5's relative position bias over the memory columns ----------
 
 
-def _widen_position_bias(source, module, query, key, n_mem, kwargs):
+def _widen_position_bias(source, table, module, query, key, n_mem, kwargs):
     """[bₚ, b]: the position bias of the memory columns joins T5's bias over the tokens."""
     position_bias = kwargs.get("position_bias")
     if position_bias is None:
         return kwargs
-    mem_bias = _memory_bias(module, source, query.shape[2], key.shape[2], n_mem, query)
+    mem_bias = _memory_bias(module, source, table, query.shape[2], key.shape[2], n_mem, query)
     mem_bias = mem_bias.expand(position_bias.shape[0], -1, -1, -1)
     return {**kwargs, "position_bias": torch.cat([mem_bias.to(position_bias.dtype), position_bias], dim=-1)}
 
 
-def _memory_bias(module, source, q_len, k_len, n_mem, query):
+def _memory_bias(module, source, table, q_len, k_len, n_mem, query):
     """Relative position bias of the memory columns: the rows sit just before the first token.
 
     This is where an autoregressive cache would put them, so decoder prefixes match prefixes passed as a
-    key/value cache (PEFT's placement); cross-attention carries no position bias in T5.
+    key/value cache (PEFT's placement); cross-attention carries no position bias in T5. The bias is looked up in
+    the copy of the relative position table the stack's first block made in this forward pass (``_BiasTable``), so
+    later blocks never read the first block's parameters; a block run on its own reads them.
     """
     shape = (1, module.n_heads, q_len, n_mem)
     if source is None:
@@ -111,7 +120,73 @@ def _memory_bias(module, source, q_len, k_len, n_mem, query):
     context = torch.arange(q_len, device=query.device)[:, None] + past
     memory = torch.arange(n_mem, device=query.device)[None, :] - n_mem
     buckets = compat.relative_position_bucket(source, memory - context, bidirectional=not source.is_decoder)
-    return source.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+    rows = table.rows if table is not None else None
+    values = source.relative_attention_bias(buckets) if rows is None else F.embedding(buckets, rows)
+    return values.permute(2, 0, 1).unsqueeze(0)
+
+
+class _BiasTable:
+    """The relative position table of a stack's first self-attention, copied while that block runs.
+
+    T5 keeps the table in block 0 and hands its bias over the tokens to the later blocks; the memory columns need
+    other relative positions, which the later blocks look up here rather than in block 0's weight. With each block
+    its own FSDP unit, that weight is resharded once block 0 has run, and reading it from block 1 would mix a
+    gathered tensor with a sharded one. The copy (``embedding(arange(buckets))``: the rows themselves, bit for bit,
+    in the autograd graph) is made only inside a forward pass of the stack and dropped when the stack returns, so
+    a block called on its own (the theory tools' step maps) reads the weight it is called with, as before.
+
+    One table per stack, shared by every memory handle of the stack and removed with the last one.
+    """
+
+    _KEY = "_deltactl_bias_table"  # on the first self-attention, while memory handles of its stack exist
+
+    def __init__(self, stack: nn.Module, source: nn.Module):
+        self.source, self.users, self.running, self.rows = source, 0, False, None
+        self.handles = [
+            stack.register_forward_pre_hook(self._start),
+            stack.register_forward_hook(self._stop, always_call=True),  # also when the forward pass raises
+            source.register_forward_pre_hook(self._copy),
+        ]
+
+    @classmethod
+    def acquire(cls, stack: nn.Module, source: nn.Module) -> _BiasTable:
+        table = source.__dict__.get(cls._KEY)
+        if table is None:
+            table = source.__dict__[cls._KEY] = cls(stack, source)
+        table.users += 1
+        return table
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            for handle in self.handles:
+                handle.remove()
+            del self.source.__dict__[self._KEY]
+
+    def _start(self, stack, args):
+        self.running, self.rows = True, None
+
+    def _stop(self, stack, args, output):
+        self.running, self.rows = False, None
+
+    def _copy(self, attention, args):
+        if self.running:
+            embedding = attention.relative_attention_bias
+            ids = torch.arange(embedding.num_embeddings, device=embedding.weight.device)
+            self.rows = embedding(ids)
+
+
+class _MemoryHandle:
+    """The shared memory handle, plus this handle's share of its stack's bias table."""
+
+    def __init__(self, handle: MemoryHandle, table: _BiasTable | None):
+        self.handle, self.table = handle, table
+
+    def remove(self):
+        self.handle.remove()
+        if self.table is not None:
+            self.table.release()
+            self.table = None
 
 
 # ---- input sequence: rows placed before the encoder's tokens ------------------------------------------
