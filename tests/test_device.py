@@ -209,7 +209,12 @@ def test_method_options_allocate_nothing_on_the_default_device(method, options):
     model = case.model(dtype=torch.float32).train()
     delta = dc.attach(model, case_config(case, method, **options))
     perturb(delta)
-    batch = case.with_labels(case.batch())
+    step_off_the_default_device(model, delta, case.with_labels(case.batch()))
+
+
+def step_off_the_default_device(model, delta, batch):
+    """A training step's forward and backward with the default device elsewhere: the loss stays on the CPU and δ
+    gets finite gradients."""
     with off_the_default_device():
         out = model(**batch)
         out.loss.backward()
@@ -223,12 +228,7 @@ def test_combinations_allocate_nothing_on_the_default_device():
     model = tiny_t5(dtype=torch.float32)
     delta = dc.attach(model, dc.chain(config("lora"), dc.sum(config("adapter"), config("bitfit", sites=("*.wo",)))))
     perturb(delta)
-    batch = {**tiny_batch(), "labels": tiny_batch()["decoder_input_ids"]}
-    with off_the_default_device():
-        out = model(**batch)
-        out.loss.backward()
-    on_cpu(out.loss)
-    finite_grads(delta)
+    step_off_the_default_device(model, delta, {**tiny_batch(), "labels": tiny_batch()["decoder_input_ids"]})
 
 
 def test_per_row_allocates_nothing_on_the_default_device():
