@@ -7,10 +7,16 @@ compile time (the first compiled step) is reported, and ``--rounds`` alternating
 each side's median step time and the median within-round ratio compiled / eager. Inductor builds C++ kernels on a
 CPU: the first step takes minutes on a small machine, which is why the tests compile with ``aot_eager`` only.
 
+On CUDA the device is synchronised around every timed region, and each side's peak memory over its timed steps is
+``torch.cuda.max_memory_allocated()`` after ``torch.cuda.reset_peak_memory_stats()`` (on a CPU: "—"). ``--bf16``
+runs the timed steps' forward passes under bf16 autocast over the float32 weights (the parity check stays float32;
+the compiled side recompiles once for autocast, during the warm-up).
+
 Usage::
 
     python benchmarks/compile_step.py                          # t5-tiny, inductor, 1 thread
     python benchmarks/compile_step.py --shape t5-small --batch 8 --source 128 --target 32
+    python benchmarks/compile_step.py --device cuda --bf16 --shape t5-base --batch 32 --source 128 --target 32
 """
 
 from __future__ import annotations
@@ -18,13 +24,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
+import sys
 
 import torch
 from transformers import T5ForConditionalGeneration
 
 import deltactl as dc
 from deltactl.shapes import t5_config
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import add_device_arguments, autocast, cuda_peak, mib, seconds  # noqa: E402
 
 
 def batch_for(config, batch: int, source: int, target: int, device) -> dict:
@@ -43,7 +52,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (inductor, aot_eager, …)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arguments(parser, bf16="bf16 autocast in the timed steps (parity stays float32)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (1: a tiny model's ops are too small to share, and a second thread contends "
                              "with any other load)")
@@ -64,28 +73,29 @@ def main(argv=None) -> dict:
     compiled = torch.compile(model, backend=args.backend)
 
     def step(forward):
-        loss = forward(**batch).loss
+        with autocast(args.device, args.bf16):
+            loss = forward(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     # Parity on one batch, before any optimiser step.
     eager_loss = model(**batch).loss
     eager_grads = torch.autograd.grad(eager_loss, params)
-    start = time.perf_counter()
-    compiled_loss = compiled(**batch).loss
-    compiled_grads = torch.autograd.grad(compiled_loss, params)
-    sync()
-    compile_s = time.perf_counter() - start
+    compiled_out = {}
+
+    def first_compiled():
+        compiled_out["loss"] = compiled(**batch).loss
+        compiled_out["grads"] = torch.autograd.grad(compiled_out["loss"], params)
+
+    compile_s = seconds(first_compiled, args.device)
+    compiled_loss, compiled_grads = compiled_out["loss"], compiled_out["grads"]
     grad_diff = max((a - b).abs().max().item() for a, b in zip(eager_grads, compiled_grads))
     grad_size = max(g.abs().max().item() for g in eager_grads)
+    precision = "bf16 autocast" if args.bf16 else "float32"
     print(f"{args.shape} batch {args.batch}×{args.source}→{args.target}, LoRA r=8 on q, v; {args.device}, "
-          f"{torch.get_num_threads()} threads, backend {args.backend}")
+          f"{torch.get_num_threads()} threads, backend {args.backend}, {precision}")
     print(f"parity: loss {eager_loss.item():.6f} eager vs {compiled_loss.item():.6f} compiled; LoRA gradients differ "
           f"by at most {grad_diff:.2e} (largest gradient {grad_size:.2e})")
     print(f"compile (first forward + backward): {compile_s:.1f} s")
@@ -93,28 +103,36 @@ def main(argv=None) -> dict:
     for forward in (model, compiled, model, compiled):  # warm-up
         step(forward)
     times = {"eager": [], "compiled": []}
+    peaks = {"eager": [], "compiled": []}  # CUDA peak bytes of each side's timed steps, per round
     ratios = []
     for r in range(args.rounds):
         order = (("eager", model), ("compiled", compiled)) if r % 2 == 0 else (("compiled", compiled), ("eager", model))
         this = {}
         for name, forward in order:
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step(forward)
-            sync()
-            this[name] = (time.perf_counter() - start) / args.steps
+            def steps(forward=forward):
+                for _ in range(args.steps):
+                    step(forward)
+
+            with cuda_peak(args.device, {}) as memory:
+                this[name] = seconds(steps, args.device) / args.steps
             times[name].append(this[name])
+            peaks[name].append(memory["peak_bytes"])
         ratios.append(this["compiled"] / this["eager"])
     eager_ms, compiled_ms = (statistics.median(times[k]) * 1e3 for k in ("eager", "compiled"))
     ratio = statistics.median(ratios)
+    peak = {k: None if None in v else max(v) for k, v in peaks.items()}
     print(f"step: eager {eager_ms:.2f} ms, compiled {compiled_ms:.2f} ms; compiled / eager {ratio:.3f} "
           f"(median of {args.rounds} within-round ratios)")
+    if peak["eager"]:
+        print(f"peak memory of the steps: eager {mib(peak['eager'])} MiB, compiled {mib(peak['compiled'])} MiB; "
+              f"compiled / eager {peak['compiled'] / peak['eager']:.3f}")
+    else:
+        print("peak memory of the steps: — (measured on CUDA only)")
     load = os.getloadavg()[0]
     if args.device == "cpu" and load > (os.cpu_count() or 1):
         print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other processes competed, rerun")
     return {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "ratio": ratio, "compile_s": compile_s,
-            "grad_diff": grad_diff}
+            "grad_diff": grad_diff, "eager_peak_bytes": peak["eager"], "compiled_peak_bytes": peak["compiled"]}
 
 
 if __name__ == "__main__":

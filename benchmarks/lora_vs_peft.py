@@ -32,10 +32,15 @@ How it is measured, per T5 shape:
    On CUDA the same window is measured with ``torch.cuda.max_memory_allocated`` after
    ``reset_peak_memory_stats``, minus the memory allocated before the steps.
 
+``--device cuda`` (the default where there is a GPU) synchronises the device around every timed region;
+``--bf16`` runs the forward passes of the timed and measured steps under bf16 autocast (the weights stay float32;
+the parity check always runs in float32).
+
 Usage::
 
     python benchmarks/lora_vs_peft.py                      # t5-tiny and t5-small (plus t5-base on CUDA)
     python benchmarks/lora_vs_peft.py --shapes t5-base --steps 2 --json results.json
+    python benchmarks/lora_vs_peft.py --device cuda --bf16 --shapes t5-base
 """
 
 from __future__ import annotations
@@ -50,7 +55,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from transformers import T5ForConditionalGeneration
@@ -58,12 +62,14 @@ from transformers import T5ForConditionalGeneration
 import deltactl as dc
 from deltactl.shapes import t5_config
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import add_device_arguments, autocast, cuda_peak, device_name, is_cuda, mib, seconds  # noqa: E402
+
 RANK, ALPHA, TARGETS = 8, 16.0, ("q", "v")
 SIDES = ("deltactl", "peft")
 # (batch, source length, target length) per shape when not given on the command line
 DEFAULT_SIZES = {"t5-tiny": (4, 32, 8), "t5-small": (8, 128, 32)}
 FALLBACK_SIZE = (8, 128, 32)
-MIB = 2**20
 
 
 # ---- models and batches --------------------------------------------------------------------------
@@ -115,17 +121,14 @@ def make_optimizer(model):
     return torch.optim.AdamW(trainable(model), lr=1e-4)
 
 
-def train_step(model, batch, optimizer):
-    loss = model(**batch).loss
+def train_step(model, batch, optimizer, bf16: bool = False):
+    """Forward with labels (under bf16 autocast with ``bf16``), backward, AdamW step, zero_grad."""
+    with autocast(batch["input_ids"].device, bf16):
+        loss = model(**batch).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 # ---- parity -------------------------------------------------------------------------------------
@@ -179,17 +182,16 @@ def check_parity(base, dc_model, delta, peft_model, batch, seed: int) -> dict:
 # ---- timing -------------------------------------------------------------------------------------
 
 
-def time_steps(model, batch, optimizer, steps: int, device: str) -> float:
-    """Mean seconds per training step over ``steps`` steps."""
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, batch, optimizer)
-    sync(device)
-    return (time.perf_counter() - start) / steps
+def time_steps(model, batch, optimizer, steps: int, device: str, bf16: bool = False) -> float:
+    """Mean seconds per training step over ``steps`` steps (the device synchronised around them)."""
+    def run():
+        for _ in range(steps):
+            train_step(model, batch, optimizer, bf16)
+
+    return seconds(run, device) / steps
 
 
-def time_sides(runs: dict, batch, warmup: int, steps: int, rounds: int, device: str) -> dict:
+def time_sides(runs: dict, batch, warmup: int, steps: int, rounds: int, device: str, bf16: bool = False) -> dict:
     """Per-step seconds of each side per round, the sides alternating order from round to round.
 
     Returns each side's median over rounds, and the median over rounds of the ratio deltactl/PEFT
@@ -197,14 +199,14 @@ def time_sides(runs: dict, batch, warmup: int, steps: int, rounds: int, device: 
     """
     for model, optimizer in runs.values():
         for _ in range(warmup):
-            train_step(model, batch, optimizer)
+            train_step(model, batch, optimizer, bf16)
     per_round = {side: [] for side in runs}
     order = list(runs)
     load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
     for r in range(rounds):
         for side in order if r % 2 == 0 else order[::-1]:
             model, optimizer = runs[side]
-            per_round[side].append(time_steps(model, batch, optimizer, steps, device))
+            per_round[side].append(time_steps(model, batch, optimizer, steps, device, bf16))
     if load:
         load.append(os.getloadavg()[0])
     out = {side: {"median_s": statistics.median(ts), "rounds_s": ts} for side, ts in per_round.items()}
@@ -215,7 +217,7 @@ def time_sides(runs: dict, batch, warmup: int, steps: int, rounds: int, device: 
 
 def contention_note(timing: dict, threads: int, device: str) -> str | None:
     """A warning when other processes probably competed for the CPU during the timing."""
-    if device.startswith("cuda") or not timing["load_average_1min"]:
+    if is_cuda(device) or not timing["load_average_1min"]:
         return None
     others = max(timing["load_average_1min"]) - threads  # this process keeps about `threads` cores busy
     if others > max(0.75, (os.cpu_count() or 1) - threads):
@@ -249,42 +251,46 @@ def _reset_hwm() -> bool:
         return False
 
 
-def measure_memory(side: str, shape: str, size, steps: int, seed: int, device: str) -> dict:
+def measure_memory(side: str, shape: str, size, steps: int, seed: int, device: str, bf16: bool = False) -> dict:
     """Peak extra memory (bytes) of ``steps`` training steps of one side, in this (fresh) process."""
     model, _ = make_side(side, build_base(shape, seed, device), copy_base=False)  # no copy: no transient peak
     batch = make_batch(model.config.vocab_size, *size, seed=seed + 1, device=device)
     optimizer = make_optimizer(model)
-    if device.startswith("cuda"):
-        train_step(model, batch, optimizer)
-        sync(device)
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        for _ in range(steps):
-            train_step(model, batch, optimizer)
-        sync(device)
-        return {"method": "cuda max_memory_allocated", "peak_bytes": torch.cuda.max_memory_allocated() - before}
+    if is_cuda(device):
+        train_step(model, batch, optimizer, bf16)
+        with cuda_peak(device, {}) as peak:
+            for _ in range(steps):
+                train_step(model, batch, optimizer, bf16)
+        return {"method": "cuda max_memory_allocated", "peak_bytes": peak["extra_bytes"]}
     gc.collect()
     if sys.platform.startswith("linux") and _reset_hwm():
-        train_step(model, batch, optimizer)
+        train_step(model, batch, optimizer, bf16)
         gc.collect()
         before = _rss_bytes()
         _reset_hwm()
         for _ in range(steps):
-            train_step(model, batch, optimizer)
+            train_step(model, batch, optimizer, bf16)
         return {"method": "VmHWM reset after warm-up step", "peak_bytes": _hwm_bytes() - before}
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     for _ in range(steps + 1):
-        train_step(model, batch, optimizer)
+        train_step(model, batch, optimizer, bf16)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     return {"method": "ru_maxrss over post-build baseline", "peak_bytes": after - before}
 
 
+def worker_command(side: str, shape: str, size, args) -> list[str]:
+    """The command line of the memory subprocess of one side."""
+    return [sys.executable, os.path.abspath(__file__), "--memory-worker", side, "--shapes", shape,
+            "--batch", str(size[0]), "--source-len", str(size[1]), "--target-len", str(size[2]),
+            "--memory-steps", str(args.memory_steps), "--seed", str(args.seed), "--threads", str(args.threads),
+            "--device", args.device] + (["--bf16"] if args.bf16 else [])
+
+
 def memory_in_subprocess(side: str, shape: str, size, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", side, "--shapes", shape,
-           "--batch", str(size[0]), "--source-len", str(size[1]), "--target-len", str(size[2]),
-           "--memory-steps", str(args.memory_steps), "--seed", str(args.seed), "--threads", str(args.threads),
-           "--device", args.device]
+    if args.no_memory:
+        return {"method": "not measured (--no-memory)", "peak_bytes": None}
+    cmd = worker_command(side, shape, size, args)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -304,7 +310,7 @@ def sizes_for(shape: str, args) -> tuple[int, int, int]:
 def steps_for(shape: str, args) -> int:
     if args.steps is not None:
         return args.steps
-    return 20 if shape == "t5-tiny" or args.device.startswith("cuda") else 2
+    return 20 if shape == "t5-tiny" or is_cuda(args.device) else 2
 
 
 def bench_shape(shape: str, args) -> dict:
@@ -319,7 +325,7 @@ def bench_shape(shape: str, args) -> dict:
               "peft": sum(p.numel() for p in trainable(peft_model))}
     del base
     runs = {"deltactl": (dc_model, make_optimizer(dc_model)), "peft": (peft_model, make_optimizer(peft_model))}
-    timing = time_sides(runs, batch, args.warmup, steps, args.rounds, args.device)
+    timing = time_sides(runs, batch, args.warmup, steps, args.rounds, args.device, args.bf16)
     del runs, dc_model, peft_model, delta
     gc.collect()
     memory = {side: memory_in_subprocess(side, shape, size, args) for side in SIDES}
@@ -331,7 +337,9 @@ def bench_shape(shape: str, args) -> dict:
 # ---- report ---------------------------------------------------------------------------------------
 
 
-def ratio(a: float, b: float) -> str:
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None:
+        return "—"
     return f"{a / b:.3f}" if b else "n/a"
 
 
@@ -344,15 +352,14 @@ def print_shape(result: dict, args) -> None:
     print(f"  max |diff|: loss {p['max_abs_diff_loss']:.2e}, logits {p['max_abs_diff_logits']:.2e}, "
           f"LoRA grads {p['max_abs_diff_lora_grads']:.2e}")
     ms = {s: t[s]["median_s"] * 1e3 for s in SIDES}
-    mib = {s: m[s]["peak_bytes"] / MIB for s in SIDES}
+    peak = {s: m[s]["peak_bytes"] for s in SIDES}
     spread = {s: f"{min(t[s]['rounds_s']) * 1e3:.1f}-{max(t[s]['rounds_s']) * 1e3:.1f}" for s in SIDES}
     same = "equal" if n["deltactl"] == n["peft"] else "DIFFER"
     rows = [
         ("step time, median (ms)", f"{ms['deltactl']:.2f}", f"{ms['peft']:.2f}", ratio(ms["deltactl"], ms["peft"])),
         ("  range over rounds (ms)", spread["deltactl"], spread["peft"], ""),
         ("  ratio within a round", "", "", f"{t['paired_ratio']:.3f}"),
-        ("peak extra memory (MiB)", f"{mib['deltactl']:.1f}", f"{mib['peft']:.1f}",
-         ratio(mib["deltactl"], mib["peft"])),
+        ("peak extra memory (MiB)", mib(peak["deltactl"]), mib(peak["peft"]), ratio(peak["deltactl"], peak["peft"])),
         ("trainable parameters", f"{n['deltactl']:,}", f"{n['peft']:,}", same),
     ]
     print(f"{'':26}{'deltactl':>14}{'PEFT':>14}{'deltactl/PEFT':>16}")
@@ -371,7 +378,6 @@ def print_shape(result: dict, args) -> None:
 
 
 def parse_args(argv=None):
-    cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=None,
                     help="T5 shapes (default: t5-tiny t5-small, plus t5-base on CUDA)")
@@ -383,14 +389,15 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=6, help="timing rounds; the sides alternate order")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps per side before timing")
     ap.add_argument("--memory-steps", type=int, default=2, help="steps measured in each memory subprocess")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    add_device_arguments(ap, bf16="bf16 autocast in the timed and measured steps (parity stays float32)")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     ap.add_argument("--memory-worker", choices=SIDES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.shapes is None:
-        args.shapes = ["t5-tiny", "t5-small"] + (["t5-base"] if args.device.startswith("cuda") else [])
+        args.shapes = ["t5-tiny", "t5-small"] + (["t5-base"] if is_cuda(args.device) else [])
     return args
 
 
@@ -400,7 +407,8 @@ def environment(args) -> dict:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "python": platform.python_version(), "device": args.device, "threads": args.threads,
-            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+            "gpu": device_name(args.device) if is_cuda(args.device) else None,
+            "precision": "bf16 autocast" if args.bf16 else "float32"}
 
 
 def main(argv=None) -> None:
@@ -409,10 +417,11 @@ def main(argv=None) -> None:
     if args.memory_worker:
         shape = args.shapes[0]
         print(json.dumps(measure_memory(args.memory_worker, shape, sizes_for(shape, args), args.memory_steps,
-                                        args.seed, args.device)))
+                                        args.seed, args.device, args.bf16)))
         return
     env = environment(args)
-    print("deltactl LoRA vs PEFT LoRA (r=8 on q, v; alpha 16; dropout 0), float32, train mode")
+    precision = "bf16 autocast over float32 weights" if args.bf16 else "float32"
+    print(f"deltactl LoRA vs PEFT LoRA (r=8 on q, v; alpha 16; dropout 0), {precision}, train mode")
     print(", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
     results = []
     for shape in args.shapes:

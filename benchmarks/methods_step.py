@@ -6,7 +6,11 @@ labels, backward, ``AdamW.step()``, ``zero_grad()``. Timing runs ``--rounds`` ro
 ``--steps`` steps, in an order that reverses from round to round; a side's time is its median over rounds, and
 each ratio is the median over rounds of the ratio within a round (slow drifts in load cancel). Peak memory is
 measured per side in a fresh subprocess, as in ``lora_vs_peft.py`` (peak resident set during the steps minus
-the resident set before them, after a warm-up step; CUDA: ``max_memory_allocated``).
+the resident set before them, after a warm-up step; CUDA: ``max_memory_allocated`` after
+``reset_peak_memory_stats``, minus the memory allocated before the steps).
+
+``--device cuda`` (the default where there is a GPU) synchronises the device around every timed region; ``--bf16``
+runs the forward passes under bf16 autocast over the float32 weights, on every side alike.
 
 PEFT's prefix-tuning on T5 acts in decoder self-attention only, so it is compared with deltactl's prefix on the
 same sites (``prefix@decoder``); deltactl's default prefix also acts in the encoder and cross-attention.
@@ -15,6 +19,7 @@ Usage::
 
     python benchmarks/methods_step.py                        # t5-small, batch 8, 128 → 32 tokens
     python benchmarks/methods_step.py --shape t5-tiny --rounds 3 --json out.json
+    python benchmarks/methods_step.py --device cuda --bf16 --shape t5-base --batch 32
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -38,10 +42,11 @@ from lora_vs_peft import (  # noqa: E402 - the shared measuring code of the LoRA
     _rss_bytes,
     build_base,
     make_batch,
+    time_steps,
     train_step,
 )
+from timing import MIB, add_device_arguments, cuda_peak, is_cuda  # noqa: E402
 
-MIB = 2**20
 # side name -> (method, options); each runs as deltactl.attach(model, method, **options)
 DELTACTL = {
     "lora": ("lora", {}),
@@ -92,23 +97,25 @@ def optimizer_for(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 
+def side_run(side: str, args):
+    """(model, batch, optimizer) of one side on ``args.device``."""
+    model = make(side, build_base(args.shape, args.seed, args.device))
+    batch = make_batch(model.config.vocab_size, args.batch, args.source_len, args.target_len, args.seed + 1,
+                       args.device)
+    return model, batch, optimizer_for(model)
+
+
 def time_all(sides, args) -> dict:
     runs = {}
     for side in sides:
-        model = make(side, build_base(args.shape, args.seed, "cpu"))
-        batch = make_batch(model.config.vocab_size, args.batch, args.source_len, args.target_len, args.seed + 1, "cpu")
-        runs[side] = (model, batch, optimizer_for(model))
+        runs[side] = side_run(side, args)
         for _ in range(args.warmup):
-            train_step(*runs[side][:2], runs[side][2])
+            train_step(*runs[side], args.bf16)
     per_round = {side: [] for side in sides}
     load = [os.getloadavg()[0]]
     for r in range(args.rounds):
         for side in sides if r % 2 == 0 else sides[::-1]:
-            model, batch, optimizer = runs[side]
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                train_step(model, batch, optimizer)
-            per_round[side].append((time.perf_counter() - t0) / args.steps)
+            per_round[side].append(time_steps(*runs[side], args.steps, args.device, args.bf16))
     load.append(os.getloadavg()[0])
     return {"per_round": per_round, "load_average_1min": load}
 
@@ -118,23 +125,32 @@ def paired(per_round, a, b) -> float:
 
 
 def memory_worker(side: str, args) -> dict:
-    model = make(side, build_base(args.shape, args.seed, "cpu"))
-    batch = make_batch(model.config.vocab_size, args.batch, args.source_len, args.target_len, args.seed + 1, "cpu")
-    optimizer = optimizer_for(model)
-    train_step(model, batch, optimizer)
+    model, batch, optimizer = side_run(side, args)
+    train_step(model, batch, optimizer, args.bf16)  # allocates the AdamW state before the measured steps
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if is_cuda(args.device):
+        with cuda_peak(args.device, {}) as peak:
+            for _ in range(args.memory_steps):
+                train_step(model, batch, optimizer, args.bf16)
+        return {"peak_bytes": peak["extra_bytes"], "trainable": trainable}
     before = _rss_bytes()
     if not _reset_hwm():
         raise RuntimeError("this benchmark measures memory through /proc/self/clear_refs (Linux)")
     for _ in range(args.memory_steps):
-        train_step(model, batch, optimizer)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        train_step(model, batch, optimizer, args.bf16)
     return {"peak_bytes": _hwm_bytes() - before, "trainable": trainable}
 
 
+def worker_command(side: str, args) -> list[str]:
+    """The command line of the memory subprocess of one side."""
+    return [sys.executable, os.path.abspath(__file__), "--memory-worker", side, "--shape", args.shape,
+            "--batch", str(args.batch), "--source-len", str(args.source_len), "--target-len", str(args.target_len),
+            "--memory-steps", str(args.memory_steps), "--seed", str(args.seed), "--threads", str(args.threads),
+            "--device", args.device] + (["--bf16"] if args.bf16 else [])
+
+
 def memory(side: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", side, "--shape", args.shape,
-           "--batch", str(args.batch), "--source-len", str(args.source_len), "--target-len", str(args.target_len),
-           "--memory-steps", str(args.memory_steps), "--seed", str(args.seed), "--threads", str(args.threads)]
+    cmd = worker_command(side, args)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -161,6 +177,7 @@ def parse_args(argv=None):
     ap.add_argument("--sides", nargs="*", help="only these deltactl sides (default: all)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", help="also write the results here")
+    add_device_arguments(ap, bf16="bf16 autocast over the float32 weights in every step")
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -181,7 +198,9 @@ def main(argv=None) -> int:
     timing = time_all(sides, args)
     per_round = timing["per_round"]
     mem = {} if args.no_memory else {side: memory(side, args) for side in sides}
-    print(f"{args.shape}, batch {args.batch}, {args.source_len}→{args.target_len} tokens, {args.threads} threads, "
+    where = args.device if is_cuda(args.device) else f"{args.threads} threads"
+    precision = "bf16 autocast" if args.bf16 else "float32"
+    print(f"{args.shape}, batch {args.batch}, {args.source_len}→{args.target_len} tokens, {where}, {precision}, "
           f"{args.rounds} rounds × {args.steps} steps; load average {timing['load_average_1min']}")
     print(f"{'side':<18}{'trainable':>12}{'ms/step':>10}{'vs LoRA':>9}{'vs PEFT':>9}{'peak MiB':>10}{'mem/LoRA':>10}"
           f"{'mem/PEFT':>10}")
@@ -204,7 +223,7 @@ def main(argv=None) -> int:
               f"{cell(row, 'time_vs_peft', '.3f'):>9}{cell(row, 'peak_mib', '.1f'):>10}"
               f"{cell(row, 'memory_vs_lora', '.3f'):>10}"
               f"{cell(row, 'memory_vs_peft', '.3f'):>10}")
-    if max(timing["load_average_1min"]) > (os.cpu_count() or 1) + 0.75:
+    if not is_cuda(args.device) and max(timing["load_average_1min"]) > (os.cpu_count() or 1) + 0.75:
         print("warning: the load average exceeded the core count: other processes competed, timings are noisy")
     if args.json:
         with open(args.json, "w") as f:
