@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import gc
 import json
 import os
 import platform
@@ -63,7 +62,9 @@ from deltactl.control.controller import site_key
 from deltactl.shapes import t5_config
 from deltactl.subspace import intrinsic
 
-MIB = 2**20
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared timing helpers beside this script
+from timing import MIB, cuda_peak, free, sync  # noqa: E402
+
 # deltactl method -> attach options. Prefix sits where PEFT puts it on T5 (decoder self-attention, rows without the
 # reparameterisation MLP) so that the PEFT comparison is like with like; prompt and prefix use 20 rows.
 DELTACTL = {
@@ -101,11 +102,6 @@ TINY = Plan(batches={"t5-tiny": (1, 2)}, source_len=16, target_len=8, memory_sha
 
 
 # ---- device, precision, timing, memory ------------------------------------------------------------------------
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def precision_context(precision: str, device: str):
@@ -147,19 +143,9 @@ def median_ms(fn, steps: int, warmup: int, device: str) -> float:
 @contextlib.contextmanager
 def peak_memory(device: str, into: dict):
     """Sets ``into["peak_mib"]``: the CUDA peak of allocated memory inside the block (None on CPU)."""
-    cuda = device.startswith("cuda")
-    if cuda:
-        sync(device)
-        torch.cuda.reset_peak_memory_stats()
-    yield
-    into["peak_mib"] = torch.cuda.max_memory_allocated() / MIB if cuda else None
-
-
-def free(device: str) -> None:
-    """Release what the last side left, so the next side's peak counts its own memory only."""
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    with cuda_peak(device, {}) as measured:
+        yield
+    into["peak_mib"] = None if measured["peak_bytes"] is None else measured["peak_bytes"] / MIB
 
 
 # ---- models, batches and the two sides --------------------------------------------------------------------------
