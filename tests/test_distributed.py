@@ -66,19 +66,27 @@ def best_delta(out: Path) -> dict:
     return load_file(str(out / "best" / "trainable.safetensors"))
 
 
+def last_delta(out: Path) -> dict:
+    """δ (and the head) at the run's last step, from its checkpoint."""
+    state = load_file(str(out / "checkpoint" / "state.safetensors"))
+    return {k.removeprefix("param/"): v for k, v in state.items() if k.startswith("param/")}
+
+
 def log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 def assert_same_run(one: Path, two: Path):
-    a, b = best_delta(one), best_delta(two)
+    """The same δ at the last step (not the best one: a dev example on the decision boundary may flip with float32
+    rounding and move the best step), the same losses, dev accuracies within one example."""
+    a, b = last_delta(one), last_delta(two)
     assert a.keys() == b.keys()
     for name in a:  # float32 gradients averaged over two halves instead of summed in one batch: rounding only
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=name)
     first, second = log(one), log(two)
     assert [e["step"] for e in first] == [e["step"] for e in second] == [2, 4, 6, 8]
     for x, y in zip(first, second):
-        assert x["accuracy"] == y["accuracy"] and x["best"] == y["best"]
+        assert abs(x["accuracy"] - y["accuracy"]) <= 1 / 32 + 1e-9  # 32 dev examples in the 16-shot split
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)  # the global batch's loss, not a half's
 
 
