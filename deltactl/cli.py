@@ -129,7 +129,7 @@ def cmd_train(args) -> int:
         k: getattr(args, k) for k in ("lr", "epochs", "batch_size", "eval_every", "patience", "seed", "stop_after")
         if getattr(args, k) is not None
     }
-    train_options["mixed_precision"] = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    train_options["mixed_precision"] = args.mixed_precision or _launcher_precision()
     spec = run.resolve(
         name, args.task, train_options, model=args.model, method_options=options,
         kshot_seed=args.kshot_seed, max_length=args.max_length, after=args.after, head=args.head,
@@ -152,6 +152,16 @@ def cmd_train(args) -> int:
               "not finish", file=sys.stderr)
         return 3
     return 0
+
+
+def _launcher_precision() -> str:
+    """The mixed precision ``accelerate launch --mixed_precision`` (or its config) asked for: 'no' or 'bf16'."""
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if asked not in ("no", "bf16"):
+        raise ValueError(f"accelerate asks for mixed precision {asked!r} (ACCELERATE_MIXED_PRECISION, from accelerate "
+                         "launch --mixed_precision or its config); deltactl train computes in float32 or under bf16 "
+                         "autocast: launch with --mixed_precision bf16 or no, or pass --mixed-precision bf16|no")
+    return asked
 
 
 def cmd_eval(args):

@@ -147,3 +147,24 @@ def test_bf16_autocast_trains_close_to_float32_but_not_equal(bert_folder, tmp_pa
         assert y["train_loss"] == pytest.approx(x["train_loss"], rel=0.05)
     delta = best_delta(tmp_path / "bf16")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in delta.values())
+
+
+def test_a_launcher_asking_for_float16_autocast_is_refused_naming_where_it_came_from(bert_folder, tmp_path, capsys,
+                                                                                      monkeypatch):
+    from deltactl.cli import main
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    out = tmp_path / "fp16"
+    assert main(["train", "--method", "lora", "--model", str(bert_folder), *COMMON, "--out", str(out)]) == 2
+    assert "accelerate asks for mixed precision 'fp16' (ACCELERATE_MIXED_PRECISION" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resuming_with_another_precision_names_the_setting(bert_folder, tmp_path, capsys):
+    from deltactl.cli import main
+
+    args = ["train", "--data", str(DATA), "--method", "lora", "--model", str(bert_folder), *COMMON,
+            "--out", str(tmp_path / "run"), "--stop-after", "1"]
+    assert main(args) == 0
+    assert main([*args, "--mixed-precision", "bf16"]) == 2
+    assert "train.mixed_precision was 'no', now 'bf16'" in capsys.readouterr().err

@@ -95,3 +95,34 @@ def test_best_delta_is_the_best_evaluation(tmp_path):
     with torch.no_grad():
         rescored = -fresh(**collate(synthetic_pairs()[:8])).loss.item()
     assert rescored == pytest.approx(outcome.best_metric, abs=1e-6)
+
+
+def test_each_process_resumes_its_own_generator(tmp_path):
+    """A checkpoint of two processes keeps both generators; each rank gets its own back (a new rank, the main's)."""
+    from deltactl.train.checkpoint import generator_states, load_checkpoint, save_checkpoint
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([weight])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(generator_states())
+    save_checkpoint(tmp_path / "checkpoint", {"w": weight}, optimizer, scheduler, {"step": 0}, generators=states)
+    for rank, seed in ((0, 1), (1, 2), (2, 1)):
+        torch.manual_seed(99)
+        load_checkpoint(tmp_path / "checkpoint", {"w": weight}, optimizer, scheduler, rank=rank)
+        torch.manual_seed(seed)
+        expected = torch.rand(4)
+        load_checkpoint(tmp_path / "checkpoint", {"w": weight}, optimizer, scheduler, rank=rank)
+        assert torch.equal(torch.rand(4), expected), rank
+
+
+def test_an_accelerate_config_that_shards_the_model_is_refused(monkeypatch):
+    from deltactl.train.processes import check_engine
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="shard the model with FSDP .* deltactl train does not do: it replicates"):
+        check_engine()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    check_engine()

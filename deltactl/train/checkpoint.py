@@ -7,6 +7,7 @@ match (a flipped bit would otherwise resume silently from wrong optimiser moment
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -36,25 +37,35 @@ def _unflatten_optimizer(tensors: dict, scalars: dict) -> dict:
     return {"state": state, "param_groups": scalars["param_groups"]}
 
 
+def generator_states(device=None) -> dict:
+    """This process's random-number generators: torch's CPU generator, and on a GPU the generator of ``device``
+    (the one its dropout draws from)."""
+    device = torch.device(device) if device is not None else None
+    cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}
+
+
 def save_checkpoint(
     folder: Path, trainable: dict, optimizer, scheduler, progress: dict, scaler=None, generators: list | None = None
 ) -> None:
     """Write ``folder`` as a whole or not at all (a kill mid-write leaves the previous checkpoint, which the next
     save or load recovers); ``scaler``: the loss scaler of a float16 run, whose scale is part of the state;
-    ``generators``: the torch RNG state of every process of a multi-process run, in rank order (default: this
-    process's)."""
+    ``generators``: ``generator_states()`` of every process of a multi-process run, in rank order (default: this
+    process's, with the generators of every GPU it sees)."""
     folder = Path(folder)
     tmp = staging_dir(folder)
     tensors = {f"param/{k}": v.detach().cpu().contiguous() for k, v in trainable.items()}
     opt_tensors, opt_scalars = _flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
-    generators = generators or [torch.get_rng_state()]
-    tensors["rng/torch"] = generators[0]
-    for rank, generator in enumerate(generators[1:], 1):
-        tensors[f"rng/torch/{rank}"] = generator
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda{i}"] = s
+    if generators is None:
+        generators = [generator_states()]
+        if torch.cuda.is_available():  # no launcher: keep every GPU's generator (rng/cuda0, rng/cuda1, …)
+            tensors.update({f"rng/cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    for rank, states in enumerate(generators):  # rank 0 under the plain names, rank r under NAME/r
+        suffix = f"/{rank}" if rank else ""
+        tensors[f"rng/torch{suffix}"] = states["torch"]
+        if states.get("cuda") is not None:
+            tensors[f"rng/cuda{suffix}"] = states["cuda"]
     save_file(tensors, str(tmp / "state.safetensors"))
     meta = {"progress": progress, "optimizer": opt_scalars, "scheduler": scheduler.state_dict()}
     if scaler is not None:
@@ -65,10 +76,13 @@ def save_checkpoint(
     replace_dir(folder)  # fsyncs, then swaps by renames
 
 
-def load_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, scaler=None, rank: int = 0) -> dict:
+def load_checkpoint(
+    folder: Path, trainable: dict, optimizer, scheduler, scaler=None, rank: int = 0, device=None
+) -> dict:
     """Restore parameters, optimizer, scheduler, loss scaler and RNG from ``folder``; returns the saved progress.
-    ``rank``: this process's rank in a multi-process run; it takes its own RNG state if the checkpoint has one
-    (a run resumed with more processes than it was saved with gives the new ones the main process's)."""
+    ``rank``: this process's rank in a multi-process run, ``device`` its GPU; it takes its own generator states if
+    the checkpoint has them (a run resumed with more processes than it was saved with gives the new ones the main
+    process's)."""
     folder = readable_dir(folder)  # checkpoint.old if a kill came between the two renames
     tensor_file, config_file = folder / "state.safetensors", folder / "state.json"
     damaged = "the checkpoint is damaged; start the run afresh (--fresh, or a new --out)"
@@ -94,7 +108,12 @@ def load_checkpoint(folder: Path, trainable: dict, optimizer, scheduler, scaler=
         scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors.get(f"rng/torch/{rank}", tensors["rng/torch"]))
     if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")])
+        every_gpu = sorted((int(m[1]), k) for k in tensors if (m := re.fullmatch(r"rng/cuda(\d+)", k)))
+        if every_gpu:  # saved without a launcher: every GPU's generator, by device number
+            torch.cuda.set_rng_state_all([tensors[k] for _, k in every_gpu])
+        own = tensors.get(f"rng/cuda/{rank}", tensors.get("rng/cuda"))
+        if own is not None and device is not None and torch.device(device).type == "cuda":
+            torch.cuda.set_rng_state(own, device)
     return meta["progress"]
 
 

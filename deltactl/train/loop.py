@@ -25,8 +25,15 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from deltactl.control.io import recover_dir, write_atomic
-from deltactl.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from deltactl.train.processes import check_global_batch, each_process, on_main, processes, wait_for_everyone
+from deltactl.train.checkpoint import generator_states, has_checkpoint, load_checkpoint, save_checkpoint
+from deltactl.train.processes import (
+    check_engine,
+    check_global_batch,
+    each_process,
+    on_main,
+    processes,
+    wait_for_everyone,
+)
 
 
 @dataclass(frozen=True)
@@ -105,12 +112,15 @@ def fit(
 
     Under a launcher with N processes, ``config.batch_size`` stays the global batch: each process takes its
     1/N of every batch, so the steps, the schedule and (for a loss that is a mean over examples) the gradient are
-    those of one process. Only the main process writes to ``out`` and evaluates (``deltactl.train.processes``).
+    those of one process (but for the last batch of an epoch that does not fill it: accelerate completes it with
+    examples from the epoch's start). Only the main process writes to ``out`` and evaluates
+    (``deltactl.train.processes``); each process draws its own dropout masks (seed + rank).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = processes()
     check_global_batch(config.batch_size)
+    check_engine()
     accelerator = Accelerator(  # precision is config.mixed_precision's (below), whatever the launcher's variables say
         cpu=not torch.cuda.is_available(), mixed_precision="no",
         dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -138,21 +148,24 @@ def fit(
         accelerator.print("float16 model: δ trains in float32 with dynamic loss scaling")
 
     progress = {"step": 0, "best_metric": None, "best_step": None, "bad_evals": 0, "seconds": 0.0}
-    on_main(lambda: recover_dir(out / "checkpoint"))  # a kill mid-save leaves checkpoint.old / checkpoint.tmp
-    if has_checkpoint(out / "checkpoint"):
+    def find_checkpoint():  # a kill mid-save leaves checkpoint.old / checkpoint.tmp, which recover_dir repairs
+        recover_dir(out / "checkpoint")
+        return has_checkpoint(out / "checkpoint")
+
+    if on_main(find_checkpoint):  # the main process decides; the others read what it found
         progress = load_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, scaler,
-                                   rank=state.process_index)
+                                   rank=state.process_index, device=accelerator.device)
         wait_for_everyone()  # every process has read the checkpoint before the main one rewrites the log
         on_main(lambda: _truncate_log(out / "log.jsonl", progress["step"]))
         accelerator.print(f"resuming from step {progress['step']} of {total} ({out / 'checkpoint'})")
     else:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + state.process_index)  # one process: the seed; several: their own masks
         on_main(lambda: write_atomic(out / "log.jsonl", ""))
     started = time.perf_counter() - progress["seconds"]
 
     def checkpoint():
         progress["seconds"] = time.perf_counter() - started
-        generators = each_process(torch.get_rng_state())  # each process's dropout stream resumes where it was
+        generators = each_process(generator_states(accelerator.device))  # each dropout stream resumes where it was
         on_main(lambda: save_checkpoint(out / "checkpoint", trainable, optimizer, scheduler, progress, scaler,
                                         generators))
 

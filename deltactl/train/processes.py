@@ -44,6 +44,19 @@ def check_global_batch(batch_size: int) -> None:
                          f"so it must be a multiple of {count}")
 
 
+def check_engine() -> None:
+    """Refuse an accelerate configuration that would shard the model (FSDP, DeepSpeed, Megatron): the main process
+    evaluates and saves alone, which a sharded model cannot do without the others (they would wait forever)."""
+    engines = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"),
+                                           ("Megatron-LM", "ACCELERATE_USE_MEGATRON_LM"))
+               if os.environ.get(variable, "false").lower() in ("1", "true", "yes")]
+    if engines:
+        raise ValueError(f"accelerate is set to shard the model with {engines[0]} (its config or launch flags), which "
+                         "deltactl train does not do: it replicates the model in each process (data parallel). "
+                         "Launch with --multi_gpu and no FSDP/DeepSpeed config; to shard a frozen backbone in your "
+                         "own loop, see docs/fsdp.md")
+
+
 def on_main(action: Callable[[], T]) -> T:
     """Run ``action`` on the main process only; every process returns its result, or raises the error it raised
     (so a refusal on the main process stops all of them instead of leaving the others waiting)."""
@@ -65,8 +78,9 @@ def on_main(action: Callable[[], T]) -> T:
 
 
 def _picklable(value) -> bool:
+    """Whether ``value`` survives the trip to the other processes (some exceptions pickle but cannot be rebuilt)."""
     try:
-        pickle.dumps(value)
+        pickle.loads(pickle.dumps(value))
     except Exception:  # noqa: BLE001 — anything pickle raises means: send a plain copy instead
         return False
     return True

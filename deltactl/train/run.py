@@ -20,7 +20,7 @@ from deltactl.tasks import get_task
 from deltactl.tasks.templates import blank_token, templated
 from deltactl.train.loop import Outcome, TrainConfig, fit
 from deltactl.train.models import HEADS, PREDICTIONS, TaskModel, causal_lm, classifier, text_to_text
-from deltactl.train.processes import check_global_batch, cores_per_process, on_main
+from deltactl.train.processes import check_engine, check_global_batch, cores_per_process, on_main
 
 FULL_FINE_TUNING = "ft"
 
@@ -185,6 +185,17 @@ def _restore_stage(spec: RunSpec, task_model: TaskModel, backbone, data) -> None
         delta.freeze()
 
 
+def _differences(then: RunSpec, now: RunSpec) -> list[str]:
+    """The settings two specs disagree on, as "name: stored value, given value" (train options as train.NAME)."""
+    def flat(spec):
+        values = spec.to_dict()
+        train = {f"train.{k}": v for k, v in values.pop("train").items()}
+        return {**values, **train}
+
+    a, b = flat(then), flat(now)
+    return [f"{k} was {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def read_spec(out) -> RunSpec:
     """The RunSpec stored in ``out/run.json``; a damaged file is an error naming it."""
     stored = Path(out) / "run.json"
@@ -334,6 +345,7 @@ def train(spec: RunSpec, out, data=None, fresh: bool = False) -> Outcome:
 def _train(spec: RunSpec, out: Path, data, fresh: bool, lock: RunLock) -> Outcome:
     stored = out / "run.json"
     check_global_batch(spec.train.batch_size)
+    check_engine()
 
     def look():  # a new folder is locked once it is created, after the options are checked
         if out.is_dir():
@@ -341,12 +353,12 @@ def _train(spec: RunSpec, out: Path, data, fresh: bool, lock: RunLock) -> Outcom
         resuming = stored.exists() and not fresh
         if resuming:
             previous = read_spec(out)
-            if replace(previous, train=replace(previous.train, stop_after=None)) != replace(
-                spec, train=replace(spec.train, stop_after=None)
-            ):
+            then = replace(previous, train=replace(previous.train, stop_after=None))
+            now = replace(spec, train=replace(spec.train, stop_after=None))
+            if then != now:
                 raise ValueError(
-                    f"{out} holds a run with other settings ({stored}); pass a new --out to start another run, "
-                    "or the same settings to resume it"
+                    f"{out} holds a run with other settings ({stored}: {'; '.join(_differences(then, now))}); pass "
+                    "a new --out to start another run, or the same settings to resume it"
                 )
         return resuming
 
