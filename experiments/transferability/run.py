@@ -58,9 +58,11 @@ def splits(cfg: dict, data) -> tuple[dict, dict, dict]:
         for seed in cfg["seeds"]:
             loaded = get_task(task, data=data, kshot_seed=seed)
             fitting[(task, seed)] = {"train": loaded.train, "dev": loaded.dev}
+    # a test sentence also in a 16-shot file of any task (SST-2 and MR share Rotten Tomatoes sentences): out
+    seen = {pr.example_key(e) for s in fitting.values() for e in s["train"] + s["dev"]}
+    for task in tasks:
         test = get_task(task, data=data, kshot_seed=cfg["seeds"][0]).test  # the same file in every split folder
-        seen = {pr.example_key(e) for (t, _), s in fitting.items() if t == task for e in s["train"] + s["dev"]}
-        clean = [e for e in test if pr.example_key(e) not in seen]  # a test sentence also in a 16-shot file: out
+        clean = [e for e in test if pr.example_key(e) not in seen]
         dropped[task] = len(test) - len(clean)
         report[task] = subset(clean, cfg.get("report_examples"), seed=REPORT_SEED)
     selection = [e for s in fitting.values() for e in s["dev"]]
@@ -137,10 +139,13 @@ class Evaluator:
                    "options": cfg.get("method_options"), "method": cfg["methods"][0]}
         self.setting = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
         self.values = {}
-        if cache.exists():
-            stored = json.loads(cache.read_text())
+        # one file per setting, so a run with other report splits never overwrites another setting's cache
+        for path in (cache.with_name(f"{cache.stem}-{self.setting}.json"), cache):
+            stored = json.loads(path.read_text()) if path.exists() else {}
             if stored.get("setting") == self.setting:
                 self.values = stored["values"]
+                break
+        self.cache = cache.with_name(f"{cache.stem}-{self.setting}.json")
 
     def __call__(self, name: str, target: str, delta: dict | None) -> float:
         if name in self.values:
@@ -170,6 +175,9 @@ class Evaluator:
 
 def measure(cfg: dict, args) -> dict:
     threads()
+    # the report split drops what any seed of the setting trains or chooses on, so it is the same whichever of
+    # the seeds a run covers (and the cached evaluations stay valid for a run over some of them)
+    fitting, report, dropped = splits(cfg, args.data)
     if getattr(args, "seeds", None):
         wanted = [int(s) for s in args.seeds.split(",")]
         unknown = sorted(set(wanted) - set(cfg["seeds"]))
@@ -178,7 +186,6 @@ def measure(cfg: dict, args) -> dict:
         cfg = {**cfg, "seeds": [s for s in cfg["seeds"] if s in wanted]}
     tasks = [t for group in cfg["groups"].values() for t in group]
     work = work_dir("transferability", args)
-    fitting, report, dropped = splits(cfg, args.data)
     evaluate = Evaluator(cfg, report, work / "evaluations.json", args.data)
     zero = {t: evaluate(f"{ZERO_SHOT}|{t}", t, None) for t in tasks}
     cells, runs, train_seconds = [], [], 0.0
@@ -211,7 +218,8 @@ def measure(cfg: dict, args) -> dict:
             cells.append({"method": cfg["methods"][0], "row": ZERO_SHOT, "seed": seed, "source": ZERO_SHOT,
                           "target": target, "metric": cfg["metric"], "value": zero[target]})
     return {"seeds": cfg["seeds"], "paper": PAPER, "head": HEAD, "model": "all-MiniLM-L6-v2",
-            "protocol": {"selection": pr.split_keys([e for s in fitting.values() for e in s["dev"]]),
+            "protocol": {"selection": pr.split_keys([e for (_, seed), s in fitting.items() if seed in cfg["seeds"]
+                                                     for e in s["dev"]]),
                          "report": pr.split_keys([e for examples in report.values() for e in examples]),
                          "selection_split": "each split's 16-shot dev file", "report_split":
                          "the task's test set (seeded subset of report_examples where larger)",
@@ -378,7 +386,7 @@ def plot(payload: dict, path: Path) -> None:
     import numpy as np
 
     tasks = payload["gain"]["tasks"]
-    fig, axes = plt.subplots(1, 3, figsize=(16.5, 5.0), gridspec_kw={"width_ratios": [1, 1, 1.25]})
+    fig, axes = plt.subplots(1, 3, figsize=(16.5, 5.2), gridspec_kw={"width_ratios": [1, 1, 1]})
     for ax, row in zip(axes[:2], (TRAINED, RANDOM)):
         grid = payload["gain"][row]
         means = np.array([[np.nan if cell is None else cell["mean"] for cell in line] for line in grid])
@@ -407,9 +415,9 @@ def plot(payload: dict, path: Path) -> None:
                     capsize=4)
         ax.plot([d["low"], d["high"]], [y, y], color=color, lw=2)
     ax.axvline(0.0, color="k", lw=0.8)
-    labels = [f"{v['id']} ({v['pairs']}, vs {v['against']}): {v['verdict']}" for v in verdicts_]
+    labels = [f"{v['id']} {v['pairs']}\nvs {v['against']}: {v['verdict']}" for v in verdicts_]
     ax.set_yticks(ys, labels, fontsize=7)
-    ax.set_xlabel("accuracy difference, mean over seeds with 95% bootstrap CI")
+    ax.set_xlabel("accuracy difference (mean, 95% bootstrap CI over seeds)", fontsize=8)
     ax.set_title("claims (rules in experiments/transferability/README.md)", fontsize=9)
     save_figure(fig, path, f"transferability, prompt tuning on all-MiniLM-L6-v2 ({payload.get('head')} head), "
                            f"16-shot splits as seeds {payload['seeds']}, {payload['mode']} setting")
