@@ -125,3 +125,9 @@ def test_every_study_reports_on_the_protocol(name, request):
         pytest.fail(f"experiments/{name} has no committed results")
     problems = pr.check_results(json.loads(study.committed.read_text()))
     assert not problems, f"{name}: " + "; ".join(problems)
+
+
+def test_a_difference_that_is_zero_up_to_rounding_is_no_finding():
+    difference = pr.summary([(0.1 + 0.2) - 0.3, 0.3 - (0.1 + 0.2), 0.7 - 0.7])
+    assert difference.mean == difference.low == difference.high == 0.0
+    assert pr.BetterRule().verdict(difference) == "inconclusive"
