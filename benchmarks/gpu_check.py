@@ -63,7 +63,7 @@ from deltactl.shapes import t5_config
 from deltactl.subspace import intrinsic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared timing helpers beside this script
-from timing import MIB, cuda_peak, free, sync  # noqa: E402
+from timing import MIB, cuda_peak, free, seconds  # noqa: E402
 
 # deltactl method -> attach options. Prefix sits where PEFT puts it on T5 (decoder self-attention, rows without the
 # reparameterisation MLP) so that the PEFT comparison is like with like; prompt and prefix use 20 rows.
@@ -130,14 +130,7 @@ def median_ms(fn, steps: int, warmup: int, device: str) -> float:
     """Median wall time of ``fn`` in ms over ``steps`` calls after ``warmup`` calls, synchronised per call."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(seconds(fn, device) for _ in range(steps))
 
 
 @contextlib.contextmanager

@@ -29,13 +29,12 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from timing import add_device_arguments, autocast, cuda_peak, free, is_cuda, mib, sync  # noqa: E402
+from timing import add_device_arguments, autocast, cuda_peak, free, is_cuda, mib, seconds  # noqa: E402
 
 # d, D of section 1, the exponents of section 2, and section 3's shape with its (batch, source, target) per size
 SIZES = {
@@ -47,14 +46,7 @@ SIZES = {
 
 def timed(fn, repeat: int, device="cpu") -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)  # the least disturbed run: the machine is shared
+    return min(seconds(fn, device) for _ in range(repeat))  # the least disturbed run: the machine is shared
 
 
 def projection_child(kind: str, d: int, D: int, repeat: int, block: int, kernel: str = "radix", device: str = "cpu",
