@@ -365,10 +365,10 @@ def _train(spec: RunSpec, out: Path, data, fresh: bool, lock: RunLock) -> Outcom
     resuming = on_main(look)
     # Everything that can reject the spec (task, model, method options, sites) runs before anything is written.
     task, task_model, deltas, backbone = _build(spec, data)
-    inputs = run_inputs(spec, backbone, data)
     trainable = trainable_parameters(task_model)
 
     def prepare():
+        inputs = run_inputs(spec, backbone, data)  # hashes the data files and every base weight: the main process's job
         if resuming:
             check_inputs(out, json.loads(stored.read_text()).get("inputs"), inputs, spec, data)
         if fresh and out.exists():
