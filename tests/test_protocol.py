@@ -110,6 +110,20 @@ def test_check_results_accepts_a_sound_study_and_names_each_fault():
         assert any(message in p for p in problems), (name, problems)
 
 
+def test_a_study_without_data_says_why_and_still_needs_intervals():
+    results = good_results()
+    results["protocol"] = {"data": pr.NO_DATA, "why": "peak memory of a training step on random tokens"}
+    assert pr.check_results(results) == []
+    results["protocol"]["why"] = " "
+    assert any("must say why" in p for p in pr.check_results(results))
+    results = good_results()
+    results["protocol"] = {"data": pr.NO_DATA, "why": "timing"}
+    results["table"][0]["summary"].update(n=1)
+    assert any("rests on 1 seeds" in p for p in pr.check_results(results))
+    results["protocol"] = {"data": "some"}  # anything but NO_DATA needs its splits
+    assert pr.check_results(results) == ["no protocol record (selection and report split keys)"]
+
+
 # Studies whose committed results predate the protocol; each turns red (strict) once its results are on it, and
 # then leaves this list.
 NOT_YET = {"performance", "efficiency", "generalisation_gap", "scale", "combinations",

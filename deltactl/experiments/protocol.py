@@ -26,6 +26,7 @@ MIN_SEEDS = 3
 LEVEL = 0.95
 RESAMPLES = 10_000
 VERDICTS = ("agrees", "disagrees", "inconclusive")
+NO_DATA = "none"  # protocol.data of a study that measures the machine, not a model on data (efficiency)
 
 
 def example_key(example) -> str:
@@ -145,16 +146,24 @@ def select(grid, score) -> tuple:
 def check_results(results: dict) -> list[str]:
     """What is wrong with a study's results under the protocol (empty: nothing). A study on the protocol stores
     ``protocol: {"selection": keys, "report": keys}`` and ``table: [{..., "summary": Summary.to_dict()}, ...]`` and
-    ``verdicts: [{"rule": ..., "difference": Summary.to_dict(), "verdict": ...}]``."""
+    ``verdicts: [{"rule": ..., "difference": Summary.to_dict(), "verdict": ...}]``. A study that chooses nothing on
+    data (peak memory, step time) stores ``protocol: {"data": NO_DATA, "why": ...}`` instead of split keys; its
+    "seeds" are repeats in fresh processes."""
     problems = []
     protocol = results.get("protocol")
-    if not isinstance(protocol, dict) or "selection" not in protocol or "report" not in protocol:
+    if isinstance(protocol, dict) and protocol.get("data") == NO_DATA:
+        # a measurement of the machine (memory, time) chooses nothing on data: there is no split to keep apart,
+        # but the study must say why, and its repeats still need intervals and a rule
+        if not str(protocol.get("why", "")).strip():
+            problems.append("a study without data splits must say why it needs none (protocol.why)")
+    elif not isinstance(protocol, dict) or "selection" not in protocol or "report" not in protocol:
         return ["no protocol record (selection and report split keys)"]
-    shared = set(protocol["selection"]) & set(protocol["report"])
-    if shared:
-        problems.append(f"report split shares {len(shared)} examples with the selection split")
-    if not protocol["report"]:
-        problems.append("empty report split")
+    else:
+        shared = set(protocol["selection"]) & set(protocol["report"])
+        if shared:
+            problems.append(f"report split shares {len(shared)} examples with the selection split")
+        if not protocol["report"]:
+            problems.append("empty report split")
     rows = results.get("table") or []
     if not rows:
         problems.append("no table")
