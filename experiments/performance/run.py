@@ -1,108 +1,262 @@
-"""Performance and convergence of delta-tuning methods against full fine-tuning (Ding et al. 2023, §4.1).
+"""Performance and convergence of delta-tuning methods against full fine-tuning (Ding et al. 2023, §4.1, Fig. 3,
+Table 2), on the study protocol.
 
-Every method trains within one budget (the same examples, batch size and number of steps) at its own tuned
-learning rate; each run logs the dev metric every ``eval_every`` steps, which gives the metric-vs-step curves.
-Per (task, method) the summary holds the best dev metric (mean ± std over seeds) and a convergence score, the
-mean of the dev curve over its evaluations (the normalised area under the curve: higher means better sooner).
-The paper's findings on T5-base: performance FT > LR > AP > PF > PT; convergence FT > AP ≈ LR > PF (PT slowest).
+Every method trains on all-MiniLM-L6-v2 through the frozen label-word head (nothing but δ trains, so a
+comparison of methods is a comparison of their δ), on each LM-BFF 16-shot split: the split's train file trains,
+its dev file (the selection split) chooses the learning rate from the method's grid and the stopping step (early
+stopping with patience), and the task's test set (the report split, never seen by a choice) gives the number.
+The five LM-BFF splits are the seeds; every cell is a mean with a bootstrap interval over them, differences are
+paired by seed, and the claims are read by the rules stated in README.md before the run.
 
-    python experiments/performance/run.py --quick        # CI: one task, one seed, a few steps
-    python experiments/performance/run.py --setting reduced
-    python experiments/performance/run.py                # the full study
+Convergence is the normalised area under the run's best-so-far selection accuracy over its first ``curve_evals``
+evaluations (carried forward after an early stop): higher means good sooner.
+
+The generalisation gap study (``experiments/generalisation_gap``) reads the same runs: each chosen run's best δ is
+also scored on the training file it was trained on.
+
+    python experiments/performance/run.py --quick
+    python experiments/performance/run.py                   # the full study (resumable)
+    python experiments/performance/run.py --seeds 13,21,42  # only these seeds
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: import the deltactl beside experiments/
 
-from deltactl.experiments.finetune import Budget, run_budgeted  # noqa: E402
-from deltactl.experiments.study import main, mean_std, save_figure, threads, work_dir  # noqa: E402
+import json  # noqa: E402
 
-LABELS = {"ft": "FT", "prompt": "PT", "prefix": "PF", "lora": "LR", "adapter": "AP", "bitfit": "BF"}
-PAPER = {
-    "performance_order": ["ft", "lora", "adapter", "prefix", "prompt"],
-    "convergence_order": ["ft", "adapter", "lora", "prefix", "prompt"],
-    "source": "Ding et al. 2023, Nature Machine Intelligence, 'Performance, convergence and efficiency' (T5-base, "
-              "100+ NLP tasks): average performance FT > LR > AP > PF > PT; convergence FT > AP ≈ LR > PF, PT slowest",
-}
-RUN_FIELDS = ("method", "task", "seed", "main_metric", "lr", "train_examples", "dev_examples",
-              "trainable_parameters", "outcome", "best", "log", "seconds")
+import torch  # noqa: E402
+
+from deltactl.experiments import kshot  # noqa: E402
+from deltactl.experiments import protocol as pr  # noqa: E402
+from deltactl.experiments.study import main, save_figure, threads, work_dir  # noqa: E402
+
+LABELS = {"ft": "FT", "prompt": "PT", "prefix": "PF", "lora": "LR", "adapter": "AP", "bitfit": "BF",
+          "last_layer": "LL", "selective": "SM"}
+PAPER = ("Ding et al. 2023, Table 2 and Fig. 3 (T5-base, 100+ tasks): average performance FT > LR > AP > PF > PT, "
+         "delta tuning close to FT except PT; convergence FT > AP ≈ LR > PF, PT slowest")
+FT = "ft"
+
+
+def configure(p) -> None:
+    p.add_argument("--seeds", help="comma-separated subset of the setting's seeds to train, evaluate and report")
+
+
+def grid(cfg: dict, method: str) -> list[float]:
+    return [float(lr) for lr in cfg["lr_grid"][method]]
+
+
+def run_folder(work: Path, task: str, method: str, seed: int, lr: float) -> Path:
+    return work / "runs" / f"{task}-{method}-seed{seed}-lr{lr:g}"
 
 
 def measure(cfg: dict, args) -> dict:
     threads()
-    budget = Budget(**cfg["budget"])
+    # the report split drops what any seed of the setting trains or chooses on: the same whichever seeds run
+    fitting, report, dropped = kshot.splits(cfg["tasks"], cfg["seeds"], args.data, cfg.get("report_examples"))
+    if getattr(args, "seeds", None):
+        wanted = [int(s) for s in args.seeds.split(",")]
+        unknown = sorted(set(wanted) - set(cfg["seeds"]))
+        if unknown:
+            raise ValueError(f"--seeds {args.seeds}: {unknown} not among the setting's seeds {cfg['seeds']}")
+        cfg = {**cfg, "seeds": [s for s in cfg["seeds"] if s in wanted]}
     work = work_dir("performance", args)
     runs = []
     for seed in cfg["seeds"]:  # seed outermost: an interrupted study already holds every method at the first seeds
         for task in cfg["tasks"]:
             for method in cfg["methods"]:
-                record = run_budgeted(method, task, seed, budget, work / f"{task}-{method}-seed{seed}", data=args.data)
-                runs.append({k: record[k] for k in RUN_FIELDS})
-                dev = record["best"].get("dev", {}).get(record["main_metric"], float("nan"))
-                print(f"{task} {method} seed {seed}: best dev {record['main_metric']} {dev:.4f} "
-                      f"({record['seconds']:.0f} s)", flush=True)
-    return {"seeds": cfg["seeds"], "work_dir": str(work), "paper": PAPER, "runs": runs, "summary": summarise(runs),
-            "compute_seconds": round(sum(r["seconds"] for r in runs), 1)}  # reused runs count with their own time
+                runs.append(chosen_run(cfg, method, task, seed, fitting, report, work, args.data))
+    zero = {task: zero_shot(cfg, task, report[task], work, args.data) for task in cfg["tasks"]}
+    return {"seeds": cfg["seeds"], "paper": PAPER, "head": kshot.HEAD, "model": "all-MiniLM-L6-v2", "zero_shot": zero,
+            "protocol": {"selection": kshot_keys(fitting, cfg, "dev"),
+                         "report": pr.split_keys([e for examples in report.values() for e in examples]),
+                         "selection_split": "each split's 16-shot dev file", "report_split":
+                         "the task's test set (seeded subset of report_examples where larger)",
+                         "report_sizes": {t: len(e) for t, e in report.items()}, "report_dropped_as_seen": dropped},
+            "runs": runs, "table": table(runs, cfg), "verdicts": verdicts(runs, cfg),
+            "train_seconds": round(sum(r["seconds"] for r in runs), 1)}
 
 
-def curve_score(log: list[dict], metric: str) -> float:
-    """Mean dev metric over the run's evaluations: the area under its dev curve divided by its length."""
-    return sum(entry[metric] for entry in log) / len(log)
+def kshot_keys(fitting: dict, cfg: dict, part: str) -> list[str]:
+    return pr.split_keys([e for (_, seed), s in fitting.items() if seed in cfg["seeds"] for e in s[part]])
 
 
-def summarise(runs: list[dict]) -> dict:
-    """Per task and method: best dev (mean, std), final-train metric, curve score; and the ranks over tasks."""
-    table: dict[str, dict[str, dict]] = {}
-    for task in dict.fromkeys(r["task"] for r in runs):
-        table[task] = {}
-        for method in dict.fromkeys(r["method"] for r in runs if r["task"] == task):
-            group = [r for r in runs if r["task"] == task and r["method"] == method]
-            metric = group[0]["main_metric"]
-            dev = mean_std([r["best"]["dev"][metric] for r in group])
-            train = mean_std([r["best"]["train"][metric] for r in group])
-            score = mean_std([curve_score(r["log"], metric) for r in group])
-            table[task][method] = {
-                "metric": metric, "dev_mean": dev[0], "dev_std": dev[1], "train_mean": train[0],
-                "train_std": train[1], "curve_mean": score[0], "curve_std": score[1], "runs": len(group),
-                "trainable_parameters": group[0]["trainable_parameters"],
-                "seconds_mean": sum(r["seconds"] for r in group) / len(group),
-            }
-    methods = list(dict.fromkeys(r["method"] for r in runs))
-    average = {m: sum(table[t][m]["dev_mean"] for t in table) / len(table) for m in methods}
-    curve = {m: sum(table[t][m]["curve_mean"] for t in table) / len(table) for m in methods}
-    return {
-        "table": table, "average_dev": average, "average_curve": curve,
-        "performance_order": sorted(methods, key=lambda m: -average[m]),
-        "convergence_order": sorted(methods, key=lambda m: -curve[m]),
-    }
+def chosen_run(cfg, method, task, seed, fitting, report, work, data) -> dict:
+    """Train every lr of the method's grid, choose on the selection split, score the chosen δ on the report split
+    and on its training file; the record (the evaluation cached beside the chosen run)."""
+    records = {lr: kshot.train_to_plateau(method, cfg["method_options"].get(method), task, seed, lr, cfg["train"],
+                                          fitting, run_folder(work, task, method, seed, lr), data)
+               for lr in grid(cfg, method)}
+    best, scores = pr.select(grid(cfg, method), lambda lr: records[lr]["selection_accuracy"])
+    folder = run_folder(work, task, method, seed, best)
+    stored = folder / "evaluation.json"
+    key = {"report": pr.split_keys(report[task]), "train": pr.split_keys(fitting[(task, seed)]["train"])}
+    evaluation = json.loads(stored.read_text()) if stored.exists() else {}
+    if evaluation.get("key") != key:
+        evaluation = {"key": key, **evaluate(cfg, method, task, seed, best, folder, report[task],
+                                             fitting[(task, seed)]["train"], data)}
+        kshot.write_json(stored, evaluation)
+    if cfg.get("prune", True):  # a fine-tuned encoder is 91 MB a run: keep the numbers, not the weights
+        for lr in grid(cfg, method):
+            shutil.rmtree(run_folder(work, task, method, seed, lr) / "best", ignore_errors=True)
+    chosen = records[best]
+    row = {"method": method, "task": task, "seed": seed, "lr": best,
+           "selection_scores": {f"{k:g}": v for k, v in scores.items()},
+           "selection_accuracy": chosen["selection_accuracy"], "report_accuracy": evaluation["report"],
+           "train_accuracy": evaluation["train"], "best_step": chosen["best_step"], "steps": chosen["steps"],
+           "status": chosen["status"], "curve": chosen["curve"], "convergence": convergence(chosen["curve"], cfg),
+           "trainable_parameters": chosen["trainable_parameters"],
+           "seconds": round(sum(r["seconds"] for r in records.values()), 1)}
+    print(f"seed {seed} {task} {method}: lr {best:g}, report {row['report_accuracy']:.4f}, train "
+          f"{row['train_accuracy']:.4f}, convergence {row['convergence']:.4f}, {row['steps']} steps", flush=True)
+    return row
 
+
+def evaluate(cfg, method, task, seed, lr, folder, report, train_set, data) -> dict:
+    """Accuracy of the run's best δ on the report split and on the run's training file."""
+    _, task_model, _ = kshot.run.build(kshot.spec(method, task, seed, lr, cfg["train"],
+                                                  cfg["method_options"].get(method)), data)
+    params = dict(task_model.model.named_parameters())
+    with torch.no_grad():
+        for name, value in kshot.best_delta(folder).items():
+            params[name].copy_(value)
+    task_model.model.eval()
+    with torch.no_grad():
+        return {split: task_model.evaluate(task_model.model, examples, 64)["accuracy"]
+                for split, examples in (("report", report), ("train", train_set))}
+
+
+def zero_shot(cfg, task, report, work, data) -> float:
+    """Report accuracy of the backbone without δ through the same head: where every method starts."""
+    stored = work / f"zero-shot-{task}.json"
+    key = pr.split_keys(report)
+    if stored.exists() and json.loads(stored.read_text()).get("key") == key:
+        return json.loads(stored.read_text())["accuracy"]
+    _, task_model, _ = kshot.run.build(kshot.spec(FT, task, cfg["seeds"][0], 1e-3, cfg["train"], None), data)
+    task_model.model.eval()
+    with torch.no_grad():
+        accuracy = task_model.evaluate(task_model.model, report, 64)["accuracy"]
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    kshot.write_json(stored, {"key": key, "accuracy": accuracy})
+    return accuracy
+
+
+def convergence(curve: list[dict], cfg: dict) -> float:
+    """Mean of the best-so-far selection accuracy at evaluations 1..curve_evals (the last one carried forward
+    after an early stop): the normalised area under the curve."""
+    best, values = 0.0, []
+    for entry in curve[: cfg["curve_evals"]]:
+        best = max(best, entry["accuracy"])
+        values.append(best)
+    values += [best] * (cfg["curve_evals"] - len(values))
+    return sum(values) / len(values)
+
+
+# -------------------------------------------------------------------------------------------- table, verdicts
+
+def per_seed(runs: list[dict], method: str, field: str, tasks: list[str] | None = None) -> list[float]:
+    """Per seed (in order): the mean of ``field`` over the tasks (all of the setting's, or ``tasks``)."""
+    seeds = sorted({r["seed"] for r in runs})
+    out = []
+    for seed in seeds:
+        values = [r[field] for r in runs if r["method"] == method and r["seed"] == seed
+                  and (tasks is None or r["task"] in tasks)]
+        out.append(sum(values) / len(values))
+    return out
+
+
+def table(runs: list[dict], cfg: dict) -> list[dict]:
+    """One row per (task or the mean over tasks, method, quantity): mean and interval over seeds."""
+    rows = []
+    for quantity in ("report_accuracy", "convergence", "train_accuracy"):
+        for task in [*cfg["tasks"], "mean"]:
+            for method in cfg["methods"]:
+                values = per_seed(runs, method, quantity, None if task == "mean" else [task])
+                rows.append({"method": method, "task": task, "quantity": quantity,
+                             "summary": pr.summary(values).to_dict()})
+    return rows
+
+
+# The claims and rules of README.md, stated before the full run: (id, claim, quantity, a, b, rule)
+MARGIN = 0.03
+CLAIMS = (
+    ("P1", "LoRA matches FT", "report_accuracy", "lora", FT, pr.MatchRule(MARGIN)),
+    ("P2", "adapter matches FT", "report_accuracy", "adapter", FT, pr.MatchRule(MARGIN)),
+    ("P3", "prefix-tuning matches FT", "report_accuracy", "prefix", FT, pr.MatchRule(MARGIN)),
+    ("P4", "BitFit matches FT", "report_accuracy", "bitfit", FT, pr.MatchRule(MARGIN)),
+    ("P5", "FT beats prompt tuning", "report_accuracy", FT, "prompt", pr.BetterRule()),
+    ("P6", "LoRA beats prompt tuning", "report_accuracy", "lora", "prompt", pr.BetterRule()),
+    ("P7", "last-layer tuning matches FT", "report_accuracy", "last_layer", FT, pr.MatchRule(MARGIN)),
+    ("P8", "selective-module tuning matches FT", "report_accuracy", "selective", FT, pr.MatchRule(MARGIN)),
+    ("C1", "FT converges faster than prompt tuning", "convergence", FT, "prompt", pr.BetterRule()),
+    ("C2", "LoRA converges faster than prompt tuning", "convergence", "lora", "prompt", pr.BetterRule()),
+    ("C3", "adapter converges faster than prompt tuning", "convergence", "adapter", "prompt", pr.BetterRule()),
+    ("C4", "FT converges faster than LoRA", "convergence", FT, "lora", pr.BetterRule()),
+)
+
+
+def verdicts(runs: list[dict], cfg: dict) -> list[dict]:
+    out = []
+    for claim_id, claim, quantity, a, b, rule in CLAIMS:
+        if a not in cfg["methods"] or b not in cfg["methods"]:
+            continue  # e.g. the quick setting runs only some methods
+        difference = pr.paired_summary(per_seed(runs, a, quantity), per_seed(runs, b, quantity))
+        out.append({"id": claim_id, "claim": claim, "quantity": quantity, "a": a, "b": b,
+                    "rule": pr.rule_record(rule), "difference": difference.to_dict(),
+                    "verdict": rule.verdict(difference)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ plot
 
 def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    runs, table = payload["runs"], payload["summary"]["table"]
-    tasks = list(table)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for method, row in table[task].items():
-            group = [r for r in runs if r["task"] == task and r["method"] == method]
-            steps = [e["step"] for e in group[0]["log"]]
-            n = min(len(r["log"]) for r in group)  # early-stopped or diverged runs log fewer points
-            mean = [sum(r["log"][i][row["metric"]] for r in group) / len(group) for i in range(n)]
-            ax.plot(steps[:n], mean, marker="o", ms=3,
-                    label=f"{LABELS.get(method, method)} {row['dev_mean']:.3f}±{row['dev_std']:.3f}")
-        ax.set_title(f"{task} ({table[task][next(iter(table[task]))]['metric']}, dev)")
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="best dev, mean±std", title_fontsize=7)
-    save_figure(fig, path, f"performance and convergence, all-MiniLM-L6-v2, {payload['mode']} setting, "
-                           f"seeds {payload['seeds']}")
+    rows = payload["table"]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), gridspec_kw={"width_ratios": [1.2, 1, 1.1]})
+    colour = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}
+    for ax, quantity, what in ((axes[0], "report_accuracy", "report accuracy"),
+                               (axes[1], "convergence", "convergence (mean best-so-far selection accuracy)")):
+        width = 0.8 / len(tasks)
+        for k, task in enumerate(tasks):
+            cells = [next(r["summary"] for r in rows if (r["quantity"], r["task"], r["method"]) ==
+                          (quantity, task, m)) for m in methods]
+            xs = [i + (k - (len(tasks) - 1) / 2) * width for i in range(len(methods))]
+            ax.bar(xs, [c["mean"] for c in cells], width, label=task,
+                   yerr=[[c["mean"] - c["low"] for c in cells], [c["high"] - c["mean"] for c in cells]], capsize=2)
+        if quantity == "report_accuracy":
+            for k, (task, value) in enumerate(payload.get("zero_shot", {}).items()):
+                ax.axhline(value, color=f"C{k}", ls="--", lw=0.8, label=f"{task} without δ")
+        ax.set_xticks(range(len(methods)), [LABELS.get(m, m) for m in methods])
+        ax.set_ylim(0.4, 1.0)
+        ax.set_ylabel(what, fontsize=8)
+        ax.set_title(f"{what}: mean [95% CI] over seeds", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    ax = axes[2]
+    found = payload["verdicts"]
+    ys = list(range(len(found)))[::-1]
+    for y, v in zip(ys, found):
+        d = v["difference"]
+        ax.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
+                    color=colour[v["verdict"]], capsize=4)
+        if v["rule"]["kind"] == "match":
+            ax.plot([-v["rule"]["margin"]] * 2, [y - 0.3, y + 0.3], color="k", lw=0.6)
+            ax.plot([v["rule"]["margin"]] * 2, [y - 0.3, y + 0.3], color="k", lw=0.6)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_yticks(ys, [f"{v['id']} {v['claim']}: {v['verdict']}" for v in found], fontsize=7)
+    ax.set_xlabel("difference a − b (mean over tasks; 95% bootstrap CI over seeds)", fontsize=8)
+    ax.set_title("claims (rules in experiments/performance/README.md)", fontsize=9)
+    save_figure(fig, path, f"performance and convergence, all-MiniLM-L6-v2 ({payload.get('head')} head), 16-shot "
+                           f"splits as seeds {payload['seeds']}, {payload['mode']} setting")
 
 
 if __name__ == "__main__":
-    sys.exit(main(HERE, measure, plot))
+    sys.exit(main(HERE, measure, plot, configure=configure))

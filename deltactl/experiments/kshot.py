@@ -1,0 +1,119 @@
+"""Few-shot runs on the study protocol: train δ on an LM-BFF 16-shot split until its dev file stops improving.
+
+Shared by the studies that use the 16-shot tasks (transferability, performance, generalisation gap). Seed s is the
+LM-BFF split ``16-s``: its ``train`` file trains, its ``dev`` file is the *selection* split (learning rate and
+stopping step are chosen on it), and the task's test set is the *report* split. The encoder reads every task
+through the frozen label-word head (``deltactl.train.models``), so nothing but δ trains and a comparison of
+methods is a comparison of their δ.
+
+A run is cached in its folder (``result.json``, keyed by everything that defines it); a folder holding another
+setting's run is cleared rather than resumed into this one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from deltactl.control import registry
+from deltactl.experiments import protocol as pr
+from deltactl.experiments.finetune import subset
+from deltactl.tasks import get_task
+from deltactl.train import run
+from deltactl.train.loop import fit, read_log
+
+HEAD = "label_words"
+REPORT_SEED = 0  # the seeded subset of a large test set: the same for every split seed
+BEST = "trainable.safetensors"
+
+
+def splits(tasks, seeds, data, report_examples: int | None) -> tuple[dict, dict, dict]:
+    """(train and selection splits by (task, seed), report split by task, dropped report examples by task).
+
+    A test example whose text and label also occur in a train or dev file of any task and seed is dropped from
+    the report split (SST-2 and MR share Rotten Tomatoes sentences); the rest is a seeded subset of at most
+    ``report_examples``, the same whichever seeds a run covers."""
+    fitting, report, dropped = {}, {}, {}
+    for task in tasks:
+        for seed in seeds:
+            loaded = get_task(task, data=data, kshot_seed=seed)
+            fitting[(task, seed)] = {"train": loaded.train, "dev": loaded.dev}
+    seen = {pr.example_key(e) for s in fitting.values() for e in s["train"] + s["dev"]}
+    for task in tasks:
+        test = get_task(task, data=data, kshot_seed=seeds[0]).test  # the same file in every split folder
+        clean = [e for e in test if pr.example_key(e) not in seen]
+        dropped[task] = len(test) - len(clean)
+        report[task] = subset(clean, report_examples, seed=REPORT_SEED)
+    used = [e for s in fitting.values() for e in s["train"] + s["dev"]]
+    pr.check_disjoint(used, [e for examples in report.values() for e in examples])
+    return fitting, report, dropped
+
+
+def spec(method: str, task: str, seed: int, lr: float, train: dict, options: dict | None, epochs: float = 1.0):
+    """The run spec: ``train`` holds batch_size, eval_every, patience and max_length; ``options`` the method's."""
+    if method == run.FULL_FINE_TUNING:
+        options = None
+    elif "seed" in {f.name for f in dataclasses.fields(registry.get(method).config)}:
+        options = {**(options or {}), "seed": seed}  # a method with a random init (prompt rows, modules) follows it
+    return run.resolve(method, task, {"batch_size": train["batch_size"], "eval_every": train["eval_every"],
+                                      "seed": seed, "epochs": epochs, "patience": train["patience"], "lr": lr},
+                       method_options=options, max_length=train["max_length"], head=HEAD, kshot_seed=seed)
+
+
+def train_to_plateau(method: str, options: dict | None, task: str, seed: int, lr: float, train: dict,
+                     fitting: dict, folder: Path, data) -> dict:
+    """Train δ on (task, seed) with ``lr`` until the selection score stops improving (``train["patience"]``
+    evaluations without a gain, at most ``train["max_epochs"]``); the record, cached in ``folder/result.json``.
+    The best δ is in ``folder/best/trainable.safetensors``; ``curve`` is the selection accuracy at every
+    evaluation."""
+    key = {"task": task, "seed": seed, "lr": lr, "method": method, "options": options, "train": train}
+    stored = folder / "result.json"
+    if stored.exists() and json.loads(stored.read_text()).get("key") == key:
+        return json.loads(stored.read_text())
+    if folder.exists() and (not (folder / "key.json").exists() or json.loads((folder / "key.json").read_text()) != key):
+        shutil.rmtree(folder)  # another setting's run: never resume it into this one
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "key.json").write_text(json.dumps(key) + "\n")
+    started = time.perf_counter()
+    run_spec = spec(method, task, seed, lr, train, options, epochs=float(train["max_epochs"]))
+    _, task_model, _ = run.build(run_spec, data)
+    trainable = run.trainable_parameters(task_model)
+    train_set, dev_set = fitting[(task, seed)]["train"], fitting[(task, seed)]["dev"]
+
+    def save_best(best: Path):
+        best.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, str(best / BEST))
+
+    outcome = fit(task_model.model, trainable, train_set, task_model.collate, task_model.loss,
+                  lambda: task_model.evaluate(task_model.model, dev_set, 64), "accuracy", run_spec.train, folder,
+                  save_best)
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+    curve = [{"step": e["step"], "accuracy": e["accuracy"]} for e in read_log(folder / "log.jsonl")
+             if "accuracy" in e]
+    record = {"key": key, "task": task, "seed": seed, "lr": lr, "method": method,
+              "selection_accuracy": outcome.best_metric, "best_step": outcome.best_step, "steps": outcome.steps,
+              "status": outcome.status, "curve": curve, "trainable_parameters":
+              sum(p.numel() for p in trainable.values()), "seconds": round(time.perf_counter() - started, 1)}
+    write_json(stored, record)
+    return record
+
+
+def best_delta(folder: Path) -> dict:
+    """The best δ a run kept (``train_to_plateau``)."""
+    path = Path(folder) / "best" / BEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the run kept no best δ (or it was pruned); rerun it")
+    return load_file(str(path))
+
+
+def write_json(path: Path, value) -> None:
+    """Write JSON atomically: a kill leaves the old file or the new one, never half of one."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
