@@ -55,24 +55,28 @@ def splits(tasks, seeds, data, report_examples: int | None) -> tuple[dict, dict,
     return fitting, report, dropped
 
 
-def spec(method: str, task: str, seed: int, lr: float, train: dict, options: dict | None, epochs: float = 1.0):
-    """The run spec: ``train`` holds batch_size, eval_every, patience and max_length; ``options`` the method's."""
+def spec(method: str, task: str, seed: int, lr: float, train: dict, options: dict | None, epochs: float = 1.0,
+         model: str | None = None):
+    """The run spec: ``train`` holds batch_size, eval_every, patience and max_length; ``options`` the method's;
+    ``model`` a checkpoint folder (default: the package's all-MiniLM-L6-v2)."""
     if method == run.FULL_FINE_TUNING:
         options = None
     elif "seed" in {f.name for f in dataclasses.fields(registry.get(method).config)}:
         options = {**(options or {}), "seed": seed}  # a method with a random init (prompt rows, modules) follows it
     return run.resolve(method, task, {"batch_size": train["batch_size"], "eval_every": train["eval_every"],
                                       "seed": seed, "epochs": epochs, "patience": train["patience"], "lr": lr},
-                       method_options=options, max_length=train["max_length"], head=HEAD, kshot_seed=seed)
+                       method_options=options, max_length=train["max_length"], head=HEAD, kshot_seed=seed,
+                       **({"model": str(model)} if model else {}))
 
 
 def train_to_plateau(method: str, options: dict | None, task: str, seed: int, lr: float, train: dict,
-                     fitting: dict, folder: Path, data) -> dict:
+                     fitting: dict, folder: Path, data, model: str | None = None) -> dict:
     """Train δ on (task, seed) with ``lr`` until the selection score stops improving (``train["patience"]``
     evaluations without a gain, at most ``train["max_epochs"]``); the record, cached in ``folder/result.json``.
     The best δ is in ``folder/best/trainable.safetensors``; ``curve`` is the selection accuracy at every
-    evaluation."""
-    key = {"task": task, "seed": seed, "lr": lr, "method": method, "options": options, "train": train}
+    evaluation. ``model``: a checkpoint folder other than the default backbone."""
+    key = {"task": task, "seed": seed, "lr": lr, "method": method, "options": options, "train": train,
+           **({"model": str(model)} if model else {})}
     stored = folder / "result.json"
     if stored.exists() and json.loads(stored.read_text()).get("key") == key:
         return json.loads(stored.read_text())
@@ -81,7 +85,7 @@ def train_to_plateau(method: str, options: dict | None, task: str, seed: int, lr
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "key.json").write_text(json.dumps(key) + "\n")
     started = time.perf_counter()
-    run_spec = spec(method, task, seed, lr, train, options, epochs=float(train["max_epochs"]))
+    run_spec = spec(method, task, seed, lr, train, options, epochs=float(train["max_epochs"]), model=model)
     _, task_model, _ = run.build(run_spec, data)
     trainable = run.trainable_parameters(task_model)
     train_set, dev_set = fitting[(task, seed)]["train"], fitting[(task, seed)]["dev"]

@@ -1,92 +1,133 @@
-"""Generalisation gap of delta tuning against full fine-tuning (Ding et al. 2023, §4.1, Fig. 4).
+"""Generalisation gap of delta tuning against full fine-tuning (Ding et al. 2023, §4.1, Fig. 4), on the study
+protocol.
 
-For each (task, method, seed) the best δ (by dev metric) is scored on training examples it was trained on and on
-the dev set; the gap is train − dev. A run of the performance study with the same task, method, seed, budget and
-model is reused as it is (its work folder under ~/.cache/deltactl/experiments/performance/SETTING/); any missing
-run is trained here. The paper (T5-base, 100+ tasks): FT and delta tuning memorise the training set alike, but
-delta tuning generalises better, i.e. its train − dev gap is smaller than FT's.
+The runs are the performance study's (``experiments/performance``): its ``measure`` runs here on the same setting,
+from the same cache, so nothing is trained twice (and whatever is missing is trained). Each chosen run's best δ
+was scored on the 16-shot training file it was trained on and on the task's report split; the gap is
+train − report accuracy. The claims are read by the rules stated in README.md before the run.
 
     python experiments/generalisation_gap/run.py --quick
-    python experiments/generalisation_gap/run.py --setting reduced
+    python experiments/generalisation_gap/run.py     # the full study (after or instead of the performance one)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: import the deltactl beside experiments/
 
-from deltactl.experiments.finetune import Budget, run_budgeted  # noqa: E402
-from deltactl.experiments.study import cache_root, main, mean_std, save_figure, threads, work_dir  # noqa: E402
+from deltactl.experiments import protocol as pr  # noqa: E402
+from deltactl.experiments.study import main, save_figure, settings  # noqa: E402
 
-LABELS = {"ft": "FT", "prompt": "PT", "prefix": "PF", "lora": "LR", "adapter": "AP", "bitfit": "BF"}
 PAPER = ("Ding et al. 2023, Fig. 4 (T5-base): delta tuning and FT both fit the training data; the generalisation "
-         "gap (train - dev) of delta-tuning methods is smaller than that of FT")
+         "gap (train − dev) of delta-tuning methods is smaller than that of FT")
+PERFORMANCE = HERE.parent / "performance"
+DELTA = ("lora", "adapter", "prefix", "prompt", "bitfit")
+
+
+def performance_study():
+    """experiments/performance/run.py as a module (its measure, per_seed and labels)."""
+    spec = importlib.util.spec_from_file_location("performance_study", PERFORMANCE / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def configure(p) -> None:
+    p.add_argument("--seeds", help="comma-separated subset of the performance setting's seeds")
 
 
 def measure(cfg: dict, args) -> dict:
-    threads()
-    budget = Budget(**cfg["budget"])
-    shared = cache_root() / "experiments" / "performance" / cfg["performance_setting"]
-    own = work_dir("generalisation_gap", args)
+    performance = performance_study()
+    setting = settings(PERFORMANCE, cfg["performance_setting"])
+    shared = performance.measure(setting, args)  # its cache under the performance study's work folder
+    runs = [{**r, "gap": r["train_accuracy"] - r["report_accuracy"]} for r in shared["runs"]]
+    rows = [{k: r[k] for k in ("method", "task", "seed", "lr", "train_accuracy", "report_accuracy", "gap",
+                               "best_step", "steps")} for r in runs]
+    return {"seeds": shared["seeds"], "paper": PAPER, "head": shared["head"], "model": shared["model"],
+            "performance_setting": cfg["performance_setting"], "performance_config": setting,
+            "protocol": shared["protocol"], "rows": rows, "table": table(runs, setting, performance),
+            "verdicts": verdicts(runs, setting, performance), "compute_seconds": shared["compute_seconds"]}
+
+
+def table(runs, setting, performance) -> list[dict]:
     rows = []
-    for seed in cfg["seeds"]:
-        for task in cfg["tasks"]:
-            for method in cfg["methods"]:
-                name = f"{task}-{method}-seed{seed}"
-                # the performance study's folder when it holds this very run (run_budgeted checks the settings)
-                folder = shared / name if (shared / name / "result.json").exists() else own / name
-                record = run_budgeted(method, task, seed, budget, folder, data=args.data)
-                metric = record["main_metric"]
-                train, dev = record["best"]["train"][metric], record["best"]["dev"][metric]
-                rows.append({"task": task, "method": method, "seed": seed, "metric": metric, "train": train,
-                             "dev": dev, "gap": train - dev, "best_step": record["outcome"]["best_step"],
-                             "reused": folder.parent == shared, "seconds": record["seconds"]})
-                print(f"{name}: train {train:.4f} dev {dev:.4f} gap {train - dev:+.4f}", flush=True)
-    return {"seeds": cfg["seeds"], "paper": PAPER, "rows": rows, "summary": summarise(rows),
-            "compute_seconds": round(sum(r["seconds"] for r in rows), 1)}  # reused runs count with their own time
+    for quantity in ("gap", "train_accuracy", "report_accuracy"):
+        for task in [*setting["tasks"], "mean"]:
+            for method in setting["methods"]:
+                values = performance.per_seed(runs, method, quantity, None if task == "mean" else [task])
+                rows.append({"method": method, "task": task, "quantity": quantity,
+                             "summary": pr.summary(values).to_dict()})
+    return rows
 
 
-def summarise(rows: list[dict]) -> dict:
-    out = {}
-    for task in dict.fromkeys(r["task"] for r in rows):
-        out[task] = {}
-        for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
-            group = [r for r in rows if r["task"] == task and r["method"] == method]
-            (train, train_sd), (dev, dev_sd), (gap, gap_sd) = (
-                mean_std([r[k] for r in group]) for k in ("train", "dev", "gap"))
-            out[task][method] = {"train": train, "train_std": train_sd, "dev": dev, "dev_std": dev_sd,
-                                 "gap": gap, "gap_std": gap_sd, "runs": len(group)}
+# The claims and rules of README.md, stated before the full run: (id, claim, the methods whose mean gap FT's is
+# compared with)
+CLAIMS = (
+    ("G0", "delta tuning's gap is smaller than FT's", DELTA),
+    ("G1", "LoRA's gap is smaller than FT's", ("lora",)),
+    ("G2", "adapter's gap is smaller than FT's", ("adapter",)),
+    ("G3", "prefix-tuning's gap is smaller than FT's", ("prefix",)),
+    ("G4", "prompt tuning's gap is smaller than FT's", ("prompt",)),
+    ("G5", "BitFit's gap is smaller than FT's", ("bitfit",)),
+)
+
+
+def verdicts(runs, setting, performance) -> list[dict]:
+    rule, out = pr.BetterRule(), []
+    ft = performance.per_seed(runs, performance.FT, "gap")
+    for claim_id, claim, methods in CLAIMS:
+        present = [m for m in methods if m in setting["methods"]]
+        if performance.FT not in setting["methods"] or not present:
+            continue  # e.g. the quick setting runs only some methods
+        gaps = [performance.per_seed(runs, m, "gap") for m in present]
+        delta = [sum(values) / len(values) for values in zip(*gaps)]
+        difference = pr.paired_summary(ft, delta)
+        out.append({"id": claim_id, "claim": claim, "methods": present, "rule": pr.rule_record(rule),
+                    "difference": difference.to_dict(), "verdict": rule.verdict(difference)})
     return out
 
 
 def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    summary = payload["summary"]
-    tasks = list(summary)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
+    labels = performance_study().LABELS
+    rows = payload["table"]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(5.0 * (len(tasks) + 1), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        methods = list(summary[task])
-        x = range(len(methods))
         width = 0.38
-        ax.bar([i - width / 2 for i in x], [summary[task][m]["train"] for m in methods], width, label="train",
-               yerr=[summary[task][m]["train_std"] for m in methods], capsize=2)
-        ax.bar([i + width / 2 for i in x], [summary[task][m]["dev"] for m in methods], width, label="dev",
-               yerr=[summary[task][m]["dev_std"] for m in methods], capsize=2)
-        for i, m in enumerate(methods):
-            top = max(summary[task][m]["train"], summary[task][m]["dev"])
-            ax.text(i, top + 0.02, f"{summary[task][m]['gap']:+.3f}", ha="center", fontsize=7)
-        ax.set_xticks(list(x), [LABELS.get(m, m) for m in methods])
-        ax.set_ylim(0, 1.1)
-        ax.set_title(f"{task}: best δ on train vs dev (gap above the bars)", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"generalisation gap, all-MiniLM-L6-v2, {payload['mode']} setting, seeds {payload['seeds']}",
-                 fontsize=9)
-    save_figure(fig, path)
+        for k, quantity in enumerate(("train_accuracy", "report_accuracy")):
+            cells = [next(r["summary"] for r in rows if (r["quantity"], r["task"], r["method"]) ==
+                          (quantity, task, m)) for m in methods]
+            xs = [i + (k - 0.5) * width for i in range(len(methods))]
+            ax.bar(xs, [c["mean"] for c in cells], width, label=quantity.replace("_accuracy", ""),
+                   yerr=[[c["mean"] - c["low"] for c in cells], [c["high"] - c["mean"] for c in cells]], capsize=2)
+        gaps = [next(r["summary"] for r in rows if (r["quantity"], r["task"], r["method"]) == ("gap", task, m))
+                for m in methods]
+        for i, gap in enumerate(gaps):
+            ax.text(i, 1.02, f"{gap['mean']:+.2f}", ha="center", fontsize=6)
+        ax.set_xticks(range(len(methods)), [labels.get(m, m) for m in methods])
+        ax.set_ylim(0.3, 1.08)
+        ax.set_title(f"{task}: best δ on train vs report, mean [95% CI]\n(gap above the bars)", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+    ax = axes[0][-1]
+    colour = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}
+    ys = list(range(len(payload["verdicts"])))[::-1]
+    for y, v in zip(ys, payload["verdicts"]):
+        d = v["difference"]
+        ax.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
+                    color=colour[v["verdict"]], capsize=4)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_yticks(ys, [f"{v['id']} {v['claim']}: {v['verdict']}" for v in payload["verdicts"]], fontsize=7)
+    ax.set_xlabel("gap(FT) − gap(delta), mean over tasks, 95% CI over seeds", fontsize=8)
+    save_figure(fig, path, f"generalisation gap, all-MiniLM-L6-v2 ({payload.get('head')} head), 16-shot splits as "
+                           f"seeds {payload['seeds']}, {payload['mode']} setting")
 
 
 if __name__ == "__main__":
-    sys.exit(main(HERE, measure, plot))
+    sys.exit(main(HERE, measure, plot, configure=configure))

@@ -79,7 +79,7 @@ def measure(cfg: dict, args) -> dict:
                          "the task's test set (seeded subset of report_examples where larger)",
                          "report_sizes": {t: len(e) for t, e in report.items()}, "report_dropped_as_seen": dropped},
             "runs": runs, "table": table(runs, cfg), "verdicts": verdicts(runs, cfg),
-            "train_seconds": round(sum(r["seconds"] for r in runs), 1)}
+            "compute_seconds": round(sum(r["seconds"] for r in runs), 1)}  # every lr of the grid
 
 
 def kshot_keys(fitting: dict, cfg: dict, part: str) -> list[str]:
