@@ -86,11 +86,12 @@ def kshot_keys(fitting: dict, cfg: dict, part: str) -> list[str]:
     return pr.split_keys([e for (_, seed), s in fitting.items() if seed in cfg["seeds"] for e in s[part]])
 
 
-def chosen_run(cfg, method, task, seed, fitting, report, work, data) -> dict:
+def chosen_run(cfg, method, task, seed, fitting, report, work, data, model=None) -> dict:
     """Train every lr of the method's grid, choose on the selection split, score the chosen δ on the report split
-    and on its training file; the record (the evaluation cached beside the chosen run)."""
+    and on its training file; the record (the evaluation cached beside the chosen run). ``model``: a checkpoint
+    folder other than all-MiniLM-L6-v2 (the scale study's truncated encoders)."""
     records = {lr: kshot.train_to_plateau(method, cfg["method_options"].get(method), task, seed, lr, cfg["train"],
-                                          fitting, run_folder(work, task, method, seed, lr), data)
+                                          fitting, run_folder(work, task, method, seed, lr), data, model=model)
                for lr in grid(cfg, method)}
     best, scores = pr.select(grid(cfg, method), lambda lr: records[lr]["selection_accuracy"])
     folder = run_folder(work, task, method, seed, best)
@@ -99,7 +100,7 @@ def chosen_run(cfg, method, task, seed, fitting, report, work, data) -> dict:
     evaluation = json.loads(stored.read_text()) if stored.exists() else {}
     if evaluation.get("key") != key:
         evaluation = {"key": key, **evaluate(cfg, method, task, seed, best, folder, report[task],
-                                             fitting[(task, seed)]["train"], data)}
+                                             fitting[(task, seed)]["train"], data, model)}
         kshot.write_json(stored, evaluation)
     if cfg.get("prune", True):  # a fine-tuned encoder is 91 MB a run: keep the numbers, not the weights
         for lr in grid(cfg, method):
@@ -117,10 +118,10 @@ def chosen_run(cfg, method, task, seed, fitting, report, work, data) -> dict:
     return row
 
 
-def evaluate(cfg, method, task, seed, lr, folder, report, train_set, data) -> dict:
+def evaluate(cfg, method, task, seed, lr, folder, report, train_set, data, model=None) -> dict:
     """Accuracy of the run's best δ on the report split and on the run's training file."""
     _, task_model, _ = kshot.run.build(kshot.spec(method, task, seed, lr, cfg["train"],
-                                                  cfg["method_options"].get(method)), data)
+                                                  cfg["method_options"].get(method), model=model), data)
     params = dict(task_model.model.named_parameters())
     with torch.no_grad():
         for name, value in kshot.best_delta(folder).items():
@@ -131,13 +132,14 @@ def evaluate(cfg, method, task, seed, lr, folder, report, train_set, data) -> di
                 for split, examples in (("report", report), ("train", train_set))}
 
 
-def zero_shot(cfg, task, report, work, data) -> float:
+def zero_shot(cfg, task, report, work, data, model=None) -> float:
     """Report accuracy of the backbone without δ through the same head: where every method starts."""
     stored = work / f"zero-shot-{task}.json"
     key = pr.split_keys(report)
     if stored.exists() and json.loads(stored.read_text()).get("key") == key:
         return json.loads(stored.read_text())["accuracy"]
-    _, task_model, _ = kshot.run.build(kshot.spec(FT, task, cfg["seeds"][0], 1e-3, cfg["train"], None), data)
+    _, task_model, _ = kshot.run.build(kshot.spec(FT, task, cfg["seeds"][0], 1e-3, cfg["train"], None, model=model),
+                                       data)
     task_model.model.eval()
     with torch.no_grad():
         accuracy = task_model.evaluate(task_model.model, report, 64)["accuracy"]

@@ -1,119 +1,181 @@
-"""The power of scale (Ding et al. 2023, §4.2, Fig. 6): delta methods against FT as the model grows.
+"""The power of scale (Ding et al. 2023, §4.2, Fig. 6), on the study protocol, with what is available offline.
 
-T5 models of several sizes are pre-trained here with span corruption on the training texts of the data folder
-(``deltactl pretrain-t5``; a checkpoint with the same pre-training settings is reused), then every method trains
-on each of them text-to-text (verbalised labels, rank classification) within one budget; all-MiniLM-L6-v2 (a real
-pre-trained encoder, classifier head) is the largest well-trained point. The paper (T5 small → XXL): the gap
-between delta tuning and FT shrinks as the model grows; at XXL even prompt tuning matches FT.
+No pre-trained model family of several sizes installs here, and T5s pre-trained on two CPU cores stay at chance
+for every method, so they can say nothing about scale. What is available is one real pre-trained encoder,
+all-MiniLM-L6-v2: its depth-truncated variants (the embeddings and the first k of its 6 blocks, k = 2, 4, 6) are
+models of 3 sizes that share the same pre-trained weights. Every method trains on each of them exactly as in the
+performance study (frozen label-word head, LM-BFF 16-shot splits as seeds, lr and stopping step chosen on the
+split's dev file, accuracy on the task's test set); the 6-block runs are the performance study's own.
+
+What this can show: whether the distance between a delta method and FT shrinks as more pre-trained depth is kept.
+What it cannot: truncation is not scaling (the paper's models were each pre-trained at their size, and a
+truncated encoder's top block was never trained to be read directly), and 22M parameters are far below the
+paper's T5-XXL.
 
     python experiments/scale/run.py --quick
-    python experiments/scale/run.py --setting reduced
+    python experiments/scale/run.py                   # the full study (resumable)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: import the deltactl beside experiments/
 
-from deltactl.experiments.finetune import Budget, run_budgeted  # noqa: E402
-from deltactl.experiments.study import cache_root, main, mean_std, mode, save_figure, threads, work_dir  # noqa: E402
-from deltactl.train.pretrain import PretrainConfig, pretrained  # noqa: E402
+from deltactl.experiments import kshot  # noqa: E402
+from deltactl.experiments import protocol as pr  # noqa: E402
+from deltactl.experiments.study import main, save_figure, threads, work_dir  # noqa: E402
 
-LABELS = {"ft": "FT", "prompt": "PT", "prefix": "PF", "lora": "LR", "adapter": "AP", "bitfit": "BF"}
-PAPER = ("Ding et al. 2023, Fig. 6 (T5-small, -base, -XXL): the performance of delta tuning approaches FT as "
-         "the model grows; at T5-XXL all methods, prompt tuning included, come close to FT")
+PAPER = ("Ding et al. 2023, Fig. 6 (T5-small, -base, -XXL): the performance of delta tuning approaches FT as the "
+         "model grows; at T5-XXL all methods, prompt tuning included, come close to FT")
+FULL_DEPTH = 6  # all-MiniLM-L6-v2's blocks
 
 
-def checkpoint(size: str, cfg: dict, args) -> tuple[str, dict]:
-    """A pre-trained T5 of ``size``: reused when its pretrain.json has the same settings, else pre-trained now.
+def performance_study():
+    """experiments/performance/run.py as a module: its runs, evaluation and cache are this study's too."""
+    spec = importlib.util.spec_from_file_location("performance_study", HERE.parent / "performance" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    Quick mode keeps its tiny checkpoints in the study's work folder; other settings use the default
-    ``~/.cache/deltactl/t5-SIZE`` folders, which ``deltactl pretrain-t5`` and the intrinsic-dimension study share.
-    """
-    fields = dict(cfg["pretrain"], size=size)
-    if "tasks" in fields:
-        fields["tasks"] = tuple(fields["tasks"])
-    folder = work_dir("scale", args) / f"t5-{size}" if mode(args) == "quick" else None
-    folder, record = pretrained(PretrainConfig(**fields), folder, data=args.data)
-    return str(folder), record
+
+def truncated(depth: int, folder: Path) -> str | None:
+    """A checkpoint folder of all-MiniLM-L6-v2 with its first ``depth`` blocks (None: the whole model)."""
+    if depth == FULL_DEPTH:
+        return None
+    from transformers import AutoModel, AutoTokenizer
+
+    from deltactl.train.run import default_model_path
+
+    if depth < 1 or depth > FULL_DEPTH:
+        raise ValueError(f"depth {depth}: all-MiniLM-L6-v2 has blocks 1..{FULL_DEPTH}")
+    target = folder / f"minilm-L{depth}"
+    if (target / "config.json").exists():
+        return str(target)
+    model = AutoModel.from_pretrained(default_model_path(), local_files_only=True)
+    model.encoder.layer = model.encoder.layer[:depth]
+    model.config.num_hidden_layers = depth
+    partial = folder / f".minilm-L{depth}.partial"  # written whole, then renamed: never a half checkpoint
+    model.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True).save_pretrained(partial)
+    partial.rename(target)
+    return str(target)
 
 
 def measure(cfg: dict, args) -> dict:
     threads()
-    budget = Budget(**cfg["budget"])
+    performance = performance_study()
+    fitting, report, dropped = kshot.splits(cfg["tasks"], cfg["seeds"], args.data, cfg.get("report_examples"))
     work = work_dir("scale", args)
-    models = {}
-    for size in cfg["t5_sizes"]:
-        folder, record = checkpoint(size, cfg, args)
-        losses = [record["log"][0]["held_out_loss"], record["log"][-1]["held_out_loss"]]
-        models[f"t5-{size}"] = {"path": folder, "parameters": record["parameters"],
-                                "pretrain_seconds": record["seconds"], "held_out_loss_start_end": losses}
-    if cfg["include_minilm"]:
-        models["all-MiniLM-L6-v2"] = {"path": None, "parameters": 22_713_216}
-    rows = []
+    work.mkdir(parents=True, exist_ok=True)
+    shared = work_dir("performance", args)  # the full-depth runs: the performance study's
+    models = {depth: truncated(depth, work) for depth in cfg["depths"]}
+    runs, zero = [], {}
     for seed in cfg["seeds"]:
-        for name, model in models.items():
+        for depth, model in models.items():
+            folder = shared if model is None else work / f"L{depth}"
             for task in cfg["tasks"]:
                 for method in cfg["methods"]:
-                    folder = work / f"{name}-{task}-{method}-seed{seed}"
-                    shared = cache_root() / "experiments" / "performance" / mode(args) / f"{task}-{method}-seed{seed}"
-                    if model["path"] is None and (shared / "result.json").exists():
-                        folder = shared  # the performance study's MiniLM run (reused only if its budget matches)
-                    record = run_budgeted(method, task, seed, budget, folder, data=args.data, model=model["path"])
-                    metric = record["main_metric"]
-                    dev = record["best"].get("dev", {}).get(metric, float("nan"))
-                    rows.append({"model": name, "parameters": model["parameters"], "task": task, "method": method,
-                                 "seed": seed, "metric": metric, "dev": dev,
-                                 "trainable": record["trainable_parameters"], "seconds": record["seconds"]})
-                    print(f"{name} {task} {method} seed {seed}: dev {metric} {dev:.4f}", flush=True)
-    compute = sum(r["seconds"] for r in rows) + sum(m.get("pretrain_seconds", 0) for m in models.values())
-    return {"seeds": cfg["seeds"], "paper": PAPER, "models": models, "rows": rows, "summary": summarise(rows),
-            "compute_seconds": round(compute, 1)}  # pre-training and every run, reused ones with their own time
+                    row = performance.chosen_run(cfg, method, task, seed, fitting, report, folder, args.data, model)
+                    runs.append({**row, "depth": depth})
+    for depth, model in models.items():
+        folder = shared if model is None else work / f"L{depth}"
+        zero[str(depth)] = {t: performance.zero_shot(cfg, t, report[t], folder, args.data, model) for t in cfg["tasks"]}
+    parameters = {str(d): parameter_count(m) for d, m in models.items()}
+    return {"seeds": cfg["seeds"], "paper": PAPER, "head": kshot.HEAD, "model": "all-MiniLM-L6-v2, truncated",
+            "parameters": parameters, "zero_shot": zero,
+            "protocol": {"selection": performance.kshot_keys(fitting, cfg, "dev"),
+                         "report": pr.split_keys([e for examples in report.values() for e in examples]),
+                         "selection_split": "each split's 16-shot dev file", "report_split":
+                         "the task's test set (seeded subset of report_examples where larger)",
+                         "report_sizes": {t: len(e) for t, e in report.items()}, "report_dropped_as_seen": dropped},
+            "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs],
+            "table": table(runs, cfg), "verdicts": verdicts(runs, cfg),
+            "compute_seconds": round(sum(r["seconds"] for r in runs), 1)}
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Per task, model and method: mean dev metric and its difference to FT on the same model."""
-    out = {}
-    for task in dict.fromkeys(r["task"] for r in rows):
-        out[task] = {}
-        for model in dict.fromkeys(r["model"] for r in rows):
-            cell = {}
-            for method in dict.fromkeys(r["method"] for r in rows):
-                group = [r["dev"] for r in rows if (r["task"], r["model"], r["method"]) == (task, model, method)]
-                if group:
-                    mean, std = mean_std(group)
-                    cell[method] = {"dev": mean, "dev_std": std}
-            for value in cell.values():
-                value["minus_ft"] = value["dev"] - cell["ft"]["dev"] if "ft" in cell else None
-            out[task][model] = cell
+def parameter_count(model: str | None) -> int:
+    from transformers import AutoConfig, AutoModel
+
+    from deltactl.train.run import default_model_path
+
+    config = AutoConfig.from_pretrained(model or default_model_path(), local_files_only=True)
+    return sum(p.numel() for p in AutoModel.from_config(config).parameters())
+
+
+def accuracy(runs: list[dict], depth: int, method: str) -> list[float]:
+    """Per seed (in order): the report accuracy at ``depth``, mean over the tasks."""
+    out = []
+    for seed in sorted({r["seed"] for r in runs}):
+        values = [r["report_accuracy"] for r in runs if (r["depth"], r["method"], r["seed"]) == (depth, method, seed)]
+        out.append(sum(values) / len(values))
+    return out
+
+
+def table(runs: list[dict], cfg: dict) -> list[dict]:
+    return [{"method": method, "depth": depth, "quantity": "report_accuracy",
+             "summary": pr.summary(accuracy(runs, depth, method)).to_dict()}
+            for depth in cfg["depths"] for method in cfg["methods"]]
+
+
+# The claims and rules of README.md, stated before the full run
+FT, MARGIN = "ft", 0.03
+
+
+def verdicts(runs: list[dict], cfg: dict) -> list[dict]:
+    small, large = min(cfg["depths"]), max(cfg["depths"])
+    claims = [("S0", f"(precondition) FT gains from depth: FT at {large} blocks − FT at {small}",
+               [a - b for a, b in zip(accuracy(runs, large, FT), accuracy(runs, small, FT))], pr.BetterRule())]
+    for k, method in enumerate(m for m in cfg["methods"] if m != FT):
+        gap_small = [f - m for f, m in zip(accuracy(runs, small, FT), accuracy(runs, small, method))]
+        gap_large = [f - m for f, m in zip(accuracy(runs, large, FT), accuracy(runs, large, method))]
+        claims.append((f"S{k + 1}", f"the FT − {method} gap shrinks with depth: gap at {small} blocks − gap at "
+                       f"{large}", [a - b for a, b in zip(gap_small, gap_large)], pr.BetterRule()))
+        claims.append((f"M{k + 1}", f"{method} matches FT at {large} blocks",
+                       [-g for g in gap_large], pr.MatchRule(MARGIN)))
+    out = []
+    for claim_id, claim, values, rule in claims:
+        difference = pr.summary(values)
+        out.append({"id": claim_id, "claim": claim, "rule": pr.rule_record(rule), "difference":
+                    difference.to_dict(), "verdict": rule.verdict(difference)})
     return out
 
 
 def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    summary, models = payload["summary"], payload["models"]
-    tasks = list(summary)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        names = sorted(summary[task], key=lambda m: models[m]["parameters"])
-        methods = list(dict.fromkeys(m for name in names for m in summary[task][name]))
-        for method in methods:
-            pts = [(models[n]["parameters"], summary[task][n][method]["dev"])
-                   for n in names if method in summary[task][n]]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS.get(method, method))
-        for n in names:
-            ax.annotate(n, (models[n]["parameters"], ax.get_ylim()[0]), fontsize=6, rotation=90, va="bottom")
-        ax.set_xscale("log")
-        ax.set_xlabel("model parameters")
-        ax.set_ylabel("best dev metric")
-        ax.set_title(task, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    save_figure(fig, path, f"scale, {payload['mode']} setting, seeds {payload['seeds']}")
+    labels = performance_study().LABELS
+    rows = payload["table"]
+    fig, (ax, ax_claims) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.2]})
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = sorted((r["depth"], r["summary"]) for r in rows if r["method"] == method)
+        xs = [d for d, _ in cells]
+        ax.errorbar(xs, [c["mean"] for _, c in cells], yerr=[[c["mean"] - c["low"] for _, c in cells],
+                                                             [c["high"] - c["mean"] for _, c in cells]],
+                    marker="o", capsize=3, label=labels.get(method, method))
+    for depth, values in payload["zero_shot"].items():
+        ax.scatter([int(depth)], [sum(values.values()) / len(values)], marker="x", color="k",
+                   label="without δ" if depth == min(payload["zero_shot"], key=int) else None)
+    depths = sorted(int(d) for d in payload["parameters"])
+    ax.set_xticks(depths, [f"{d} blocks\n{payload['parameters'][str(d)] / 1e6:.1f}M" for d in depths], fontsize=8)
+    ax.set_xlabel("all-MiniLM-L6-v2 truncated to its first blocks (parameters)", fontsize=8)
+    ax.set_ylabel("report accuracy, mean over tasks [95% CI]", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    colour = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}
+    ys = list(range(len(payload["verdicts"])))[::-1]
+    for y, v in zip(ys, payload["verdicts"]):
+        d = v["difference"]
+        ax_claims.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
+                           color=colour[v["verdict"]], capsize=4)
+    ax_claims.axvline(0.0, color="k", lw=0.8)
+    ax_claims.set_yticks(ys, [f"{v['id']} {v['claim']}: {v['verdict']}" for v in payload["verdicts"]], fontsize=6)
+    ax_claims.set_xlabel("accuracy difference, 95% CI over seeds (rules in experiments/scale/README.md)", fontsize=8)
+    save_figure(fig, path, f"scale by truncation, all-MiniLM-L6-v2 ({payload.get('head')} head), 16-shot splits as "
+                           f"seeds {payload['seeds']}, {payload['mode']} setting")
 
 
 if __name__ == "__main__":
