@@ -74,9 +74,10 @@ def measure(cfg: dict, args) -> dict:
     shared = work_dir("performance", args)  # the full-depth runs: the performance study's
     models = {depth: truncated(depth, work) for depth in cfg["depths"]}
     runs, zero = [], {}
-    for seed in cfg["seeds"]:
-        for depth, model in models.items():
-            folder = shared if model is None else work / f"L{depth}"
+    # the full depth last: those runs are the performance study's, most often already in its cache
+    for depth, model in sorted(models.items(), key=lambda item: item[1] is None):
+        folder = shared if model is None else work / f"L{depth}"
+        for seed in cfg["seeds"]:
             for task in cfg["tasks"]:
                 for method in cfg["methods"]:
                     row = performance.chosen_run(cfg, method, task, seed, fitting, report, folder, args.data, model)
