@@ -18,101 +18,36 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: import the deltactl beside experiments/
 
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 
+from deltactl.experiments import kshot  # noqa: E402
 from deltactl.experiments import protocol as pr  # noqa: E402
-from deltactl.experiments.finetune import subset  # noqa: E402
 from deltactl.experiments.study import main, mean_std, save_figure, threads, work_dir  # noqa: E402
-from deltactl.tasks import get_task  # noqa: E402
 from deltactl.train import run  # noqa: E402
-from deltactl.train.loop import fit  # noqa: E402
 
 PAPER = ("Ding et al. 2023, Fig. 7 (prompt tuning, T5-base): relative performance is high between tasks of the "
          "same type (e.g. sentiment) and low across types")
-HEAD = "label_words"
+HEAD = kshot.HEAD
 ZERO_SHOT = "zero-shot"
 TRAINED, RANDOM = "trained", "random δ"
-REPORT_SEED = 0  # the seeded subset of a large test set: the same for every split seed
 
 
 def configure(p) -> None:
     p.add_argument("--seeds", help="comma-separated subset of the setting's seeds to train, evaluate and report")
 
 
-# ----------------------------------------------------------------------------------------------------- splits
-
-def splits(cfg: dict, data) -> tuple[dict, dict, dict]:
-    """(train and selection splits by (task, seed), report split by task, dropped report examples by task)."""
-    tasks = [t for group in cfg["groups"].values() for t in group]
-    fitting, report, dropped = {}, {}, {}
-    for task in tasks:
-        for seed in cfg["seeds"]:
-            loaded = get_task(task, data=data, kshot_seed=seed)
-            fitting[(task, seed)] = {"train": loaded.train, "dev": loaded.dev}
-    # a test sentence also in a 16-shot file of any task (SST-2 and MR share Rotten Tomatoes sentences): out
-    seen = {pr.example_key(e) for s in fitting.values() for e in s["train"] + s["dev"]}
-    for task in tasks:
-        test = get_task(task, data=data, kshot_seed=cfg["seeds"][0]).test  # the same file in every split folder
-        clean = [e for e in test if pr.example_key(e) not in seen]
-        dropped[task] = len(test) - len(clean)
-        report[task] = subset(clean, cfg.get("report_examples"), seed=REPORT_SEED)
-    selection = [e for s in fitting.values() for e in s["dev"]]
-    used = selection + [e for s in fitting.values() for e in s["train"]]
-    pr.check_disjoint(used, [e for examples in report.values() for e in examples])
-    return fitting, report, dropped
-
-
 # -------------------------------------------------------------------------------------------------- training
-
-def spec_for(cfg: dict, task: str, seed: int, lr: float, epochs: float = 1.0, method: str | None = None):
-    t = cfg["train"]
-    method = cfg["methods"][0] if method is None else method
-    options = {**cfg.get("method_options", {}), "seed": seed} if method != run.FULL_FINE_TUNING else None
-    return run.resolve(method, task, {"batch_size": t["batch_size"], "eval_every": t["eval_every"], "seed": seed,
-                                      "epochs": epochs, "patience": t["patience"], "lr": lr},
-                       method_options=options, max_length=t["max_length"], head=HEAD, kshot_seed=seed)
-
 
 def train(cfg: dict, task: str, seed: int, lr: float, fitting: dict, folder: Path, data) -> dict:
     """Train δ on (task, seed) with ``lr`` until the selection score stops improving; the record (cached)."""
-    t = cfg["train"]
-    key = {"task": task, "seed": seed, "lr": lr, "method": cfg["methods"][0], "options": cfg.get("method_options"),
-           "train": t}
-    stored = folder / "result.json"
-    if stored.exists() and json.loads(stored.read_text()).get("key") == key:
-        return json.loads(stored.read_text())
-    if folder.exists() and (not (folder / "key.json").exists() or json.loads((folder / "key.json").read_text()) != key):
-        shutil.rmtree(folder)  # another setting's run: never resume it into this one
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "key.json").write_text(json.dumps(key) + "\n")
-    started = time.perf_counter()
-    spec = spec_for(cfg, task, seed, lr, epochs=float(t["max_epochs"]))
-    _, task_model, _ = run.build(spec, data)
-    trainable = run.trainable_parameters(task_model)
-    train_set, dev_set = fitting[(task, seed)]["train"], fitting[(task, seed)]["dev"]
-
-    def save_best(best: Path):
-        best.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, str(best / "trainable.safetensors"))
-
-    outcome = fit(task_model.model, trainable, train_set, task_model.collate, task_model.loss,
-                  lambda: task_model.evaluate(task_model.model, dev_set, 64), "accuracy", spec.train, folder,
-                  save_best)
-    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
-    record = {"key": key, "task": task, "seed": seed, "lr": lr, "selection_accuracy": outcome.best_metric,
-              "best_step": outcome.best_step, "steps": outcome.steps, "status": outcome.status,
-              "seconds": round(time.perf_counter() - started, 1)}
-    stored.write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    return kshot.train_to_plateau(cfg["methods"][0], cfg.get("method_options"), task, seed, lr, cfg["train"],
+                                  fitting, folder, data)
 
 
 def random_like(delta: dict, seed: int, source: str) -> dict:
@@ -152,8 +87,8 @@ class Evaluator:
             return self.values[name]
         method = run.FULL_FINE_TUNING if delta is None else self.cfg["methods"][0]
         if (method, target) not in self.models:
-            _, task_model, _ = run.build(spec_for(self.cfg, target, self.cfg["seeds"][0], 1e-3, method=method),
-                                         self.data)
+            _, task_model, _ = run.build(kshot.spec(method, target, self.cfg["seeds"][0], 1e-3, self.cfg["train"],
+                                                    self.cfg.get("method_options")), self.data)
             task_model.model.eval()
             self.models[(method, target)] = task_model
         task_model = self.models[(method, target)]
@@ -177,7 +112,8 @@ def measure(cfg: dict, args) -> dict:
     threads()
     # the report split drops what any seed of the setting trains or chooses on, so it is the same whichever of
     # the seeds a run covers (and the cached evaluations stay valid for a run over some of them)
-    fitting, report, dropped = splits(cfg, args.data)
+    tasks = [t for group in cfg["groups"].values() for t in group]
+    fitting, report, dropped = kshot.splits(tasks, cfg["seeds"], args.data, cfg.get("report_examples"))
     if getattr(args, "seeds", None):
         wanted = [int(s) for s in args.seeds.split(",")]
         unknown = sorted(set(wanted) - set(cfg["seeds"]))
@@ -200,8 +136,7 @@ def measure(cfg: dict, args) -> dict:
                                                                                      scores.items()},
                          "best_step": records[best]["best_step"], "steps": records[best]["steps"],
                          "status": records[best]["status"]})
-            deltas[task] = load_file(str(work / "runs" / f"{task}-seed{seed}-lr{best:g}" / "best" /
-                                         "trainable.safetensors"))
+            deltas[task] = kshot.best_delta(work / "runs" / f"{task}-seed{seed}-lr{best:g}")
         for source in tasks:
             noise = random_like(deltas[source], seed, source)
             for target in tasks:
