@@ -121,3 +121,27 @@ def write_json(path: Path, value) -> None:
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(value, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def only_seeds(cfg: dict, text: str | None) -> dict:
+    """The setting with its seeds narrowed to ``text`` (``--seeds 13,21,42``); unknown seeds are an error."""
+    if not text:
+        return cfg
+    try:
+        wanted = [int(s) for s in text.split(",") if s]
+    except ValueError as err:
+        raise ValueError(f"--seeds {text!r} is not a comma-separated list of integers (e.g. 13,21,42)") from err
+    unknown = sorted(set(wanted) - set(cfg["seeds"]))
+    if unknown:
+        raise ValueError(f"--seeds {text}: {unknown} not among the setting's seeds {cfg['seeds']}")
+    return {**cfg, "seeds": [s for s in cfg["seeds"] if s in wanted]}
+
+
+def protocol_record(fitting: dict, report: dict, dropped: dict, seeds) -> dict:
+    """The ``protocol`` record of a 16-shot study's results: both splits' content keys (the seeds' dev files
+    against every task's report split), what they are, and the report sizes."""
+    return {"selection": pr.split_keys([e for (_, seed), s in fitting.items() if seed in seeds for e in s["dev"]]),
+            "report": pr.split_keys([e for examples in report.values() for e in examples]),
+            "selection_split": "each split's 16-shot dev file",
+            "report_split": "the task's test set (seeded subset of report_examples where larger)",
+            "report_sizes": {t: len(e) for t, e in report.items()}, "report_dropped_as_seen": dropped}

@@ -168,3 +168,22 @@ def save_figure(fig, path, title: str | None = None) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+VERDICT_COLOURS = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}
+
+
+def plot_verdicts(ax, verdicts: list[dict], xlabel: str, labels: list[str] | None = None) -> None:
+    """A panel of claims: each verdict's difference as a point with its interval, coloured by the verdict, with a
+    match rule's ±margin marked and 0 drawn."""
+    ys = list(range(len(verdicts)))[::-1]
+    for y, v in zip(ys, verdicts):
+        d = v["difference"]
+        ax.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
+                    color=VERDICT_COLOURS[v["verdict"]], capsize=4)
+        if v["rule"]["kind"] == "match":
+            for edge in (-v["rule"]["margin"], v["rule"]["margin"]):
+                ax.plot([edge, edge], [y - 0.3, y + 0.3], color="k", lw=0.6)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_yticks(ys, labels or [f"{v['id']} {v['claim']}: {v['verdict']}" for v in verdicts], fontsize=7)
+    ax.set_xlabel(xlabel, fontsize=8)

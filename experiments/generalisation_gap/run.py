@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: import the deltactl beside experiments/
 
 from deltactl.experiments import protocol as pr  # noqa: E402
-from deltactl.experiments.study import main, save_figure, settings  # noqa: E402
+from deltactl.experiments.study import main, plot_verdicts, save_figure, settings  # noqa: E402
 
 PAPER = ("Ding et al. 2023, Fig. 4 (T5-base): delta tuning and FT both fit the training data; the generalisation "
          "gap (train − dev) of delta-tuning methods is smaller than that of FT")
@@ -115,16 +115,7 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_ylim(0.3, 1.08)
         ax.set_title(f"{task}: best δ on train vs report, mean [95% CI]\n(gap above the bars)", fontsize=8)
         ax.legend(fontsize=7, loc="lower right")
-    ax = axes[0][-1]
-    colour = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}
-    ys = list(range(len(payload["verdicts"])))[::-1]
-    for y, v in zip(ys, payload["verdicts"]):
-        d = v["difference"]
-        ax.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
-                    color=colour[v["verdict"]], capsize=4)
-    ax.axvline(0.0, color="k", lw=0.8)
-    ax.set_yticks(ys, [f"{v['id']} {v['claim']}: {v['verdict']}" for v in payload["verdicts"]], fontsize=7)
-    ax.set_xlabel("gap(FT) − gap(delta), mean over tasks, 95% CI over seeds", fontsize=8)
+    plot_verdicts(axes[0][-1], payload["verdicts"], "gap(FT) − gap(delta), mean over tasks, 95% CI over seeds")
     save_figure(fig, path, f"generalisation gap, all-MiniLM-L6-v2 ({payload.get('head')} head), 16-shot splits as "
                            f"seeds {payload['seeds']}, {payload['mode']} setting")
 

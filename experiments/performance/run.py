@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from deltactl.experiments import kshot  # noqa: E402
 from deltactl.experiments import protocol as pr  # noqa: E402
-from deltactl.experiments.study import main, save_figure, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import main, plot_verdicts, save_figure, threads, work_dir  # noqa: E402
 
 LABELS = {"ft": "FT", "prompt": "PT", "prefix": "PF", "lora": "LR", "adapter": "AP", "bitfit": "BF",
           "last_layer": "LL", "selective": "SM"}
@@ -59,12 +59,7 @@ def measure(cfg: dict, args) -> dict:
     threads()
     # the report split drops what any seed of the setting trains or chooses on: the same whichever seeds run
     fitting, report, dropped = kshot.splits(cfg["tasks"], cfg["seeds"], args.data, cfg.get("report_examples"))
-    if getattr(args, "seeds", None):
-        wanted = [int(s) for s in args.seeds.split(",")]
-        unknown = sorted(set(wanted) - set(cfg["seeds"]))
-        if unknown:
-            raise ValueError(f"--seeds {args.seeds}: {unknown} not among the setting's seeds {cfg['seeds']}")
-        cfg = {**cfg, "seeds": [s for s in cfg["seeds"] if s in wanted]}
+    cfg = kshot.only_seeds(cfg, getattr(args, "seeds", None))
     work = work_dir("performance", args)
     runs = []
     for seed in cfg["seeds"]:  # seed outermost: an interrupted study already holds every method at the first seeds
@@ -73,17 +68,9 @@ def measure(cfg: dict, args) -> dict:
                 runs.append(chosen_run(cfg, method, task, seed, fitting, report, work, args.data))
     zero = {task: zero_shot(cfg, task, report[task], work, args.data) for task in cfg["tasks"]}
     return {"seeds": cfg["seeds"], "paper": PAPER, "head": kshot.HEAD, "model": "all-MiniLM-L6-v2", "zero_shot": zero,
-            "protocol": {"selection": kshot_keys(fitting, cfg, "dev"),
-                         "report": pr.split_keys([e for examples in report.values() for e in examples]),
-                         "selection_split": "each split's 16-shot dev file", "report_split":
-                         "the task's test set (seeded subset of report_examples where larger)",
-                         "report_sizes": {t: len(e) for t, e in report.items()}, "report_dropped_as_seen": dropped},
+            "protocol": kshot.protocol_record(fitting, report, dropped, cfg["seeds"]),
             "runs": runs, "table": table(runs, cfg), "verdicts": verdicts(runs, cfg),
             "compute_seconds": round(sum(r["seconds"] for r in runs), 1)}  # every lr of the grid
-
-
-def kshot_keys(fitting: dict, cfg: dict, part: str) -> list[str]:
-    return pr.split_keys([e for (_, seed), s in fitting.items() if seed in cfg["seeds"] for e in s[part]])
 
 
 def chosen_run(cfg, method, task, seed, fitting, report, work, data, model=None) -> dict:
@@ -223,7 +210,6 @@ def plot(payload: dict, path: Path) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), gridspec_kw={"width_ratios": [1.2, 1, 1.1]})
-    colour = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}
     for ax, quantity, what in ((axes[0], "report_accuracy", "report accuracy"),
                                (axes[1], "convergence", "convergence (mean best-so-far selection accuracy)")):
         width = 0.8 / len(tasks)
@@ -242,20 +228,8 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_title(f"{what}: mean [95% CI] over seeds", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
-    ax = axes[2]
-    found = payload["verdicts"]
-    ys = list(range(len(found)))[::-1]
-    for y, v in zip(ys, found):
-        d = v["difference"]
-        ax.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
-                    color=colour[v["verdict"]], capsize=4)
-        if v["rule"]["kind"] == "match":
-            ax.plot([-v["rule"]["margin"]] * 2, [y - 0.3, y + 0.3], color="k", lw=0.6)
-            ax.plot([v["rule"]["margin"]] * 2, [y - 0.3, y + 0.3], color="k", lw=0.6)
-    ax.axvline(0.0, color="k", lw=0.8)
-    ax.set_yticks(ys, [f"{v['id']} {v['claim']}: {v['verdict']}" for v in found], fontsize=7)
-    ax.set_xlabel("difference a − b (mean over tasks; 95% bootstrap CI over seeds)", fontsize=8)
-    ax.set_title("claims (rules in experiments/performance/README.md)", fontsize=9)
+    plot_verdicts(axes[2], payload["verdicts"], "difference a − b (mean over tasks; 95% bootstrap CI over seeds)")
+    axes[2].set_title("claims (rules in experiments/performance/README.md)", fontsize=9)
     save_figure(fig, path, f"performance and convergence, all-MiniLM-L6-v2 ({payload.get('head')} head), 16-shot "
                            f"splits as seeds {payload['seeds']}, {payload['mode']} setting")
 

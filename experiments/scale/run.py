@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: impor
 
 from deltactl.experiments import kshot  # noqa: E402
 from deltactl.experiments import protocol as pr  # noqa: E402
-from deltactl.experiments.study import main, save_figure, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import main, plot_verdicts, save_figure, threads, work_dir  # noqa: E402
 
 PAPER = ("Ding et al. 2023, Fig. 6 (T5-small, -base, -XXL): the performance of delta tuning approaches FT as the "
          "model grows; at T5-XXL all methods, prompt tuning included, come close to FT")
@@ -88,11 +88,7 @@ def measure(cfg: dict, args) -> dict:
     parameters = {str(d): parameter_count(m) for d, m in models.items()}
     return {"seeds": cfg["seeds"], "paper": PAPER, "head": kshot.HEAD, "model": "all-MiniLM-L6-v2, truncated",
             "parameters": parameters, "zero_shot": zero,
-            "protocol": {"selection": performance.kshot_keys(fitting, cfg, "dev"),
-                         "report": pr.split_keys([e for examples in report.values() for e in examples]),
-                         "selection_split": "each split's 16-shot dev file", "report_split":
-                         "the task's test set (seeded subset of report_examples where larger)",
-                         "report_sizes": {t: len(e) for t, e in report.items()}, "report_dropped_as_seen": dropped},
+            "protocol": kshot.protocol_record(fitting, report, dropped, cfg["seeds"]),
             "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs],
             "table": table(runs, cfg), "verdicts": verdicts(runs, cfg),
             "compute_seconds": round(sum(r["seconds"] for r in runs), 1)}
@@ -166,15 +162,8 @@ def plot(payload: dict, path: Path) -> None:
     ax.set_ylabel("report accuracy, mean over tasks [95% CI]", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    colour = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}
-    ys = list(range(len(payload["verdicts"])))[::-1]
-    for y, v in zip(ys, payload["verdicts"]):
-        d = v["difference"]
-        ax_claims.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
-                           color=colour[v["verdict"]], capsize=4)
-    ax_claims.axvline(0.0, color="k", lw=0.8)
-    ax_claims.set_yticks(ys, [f"{v['id']} {v['claim']}: {v['verdict']}" for v in payload["verdicts"]], fontsize=6)
-    ax_claims.set_xlabel("accuracy difference, 95% CI over seeds (rules in experiments/scale/README.md)", fontsize=8)
+    plot_verdicts(ax_claims, payload["verdicts"], "accuracy difference, 95% CI over seeds (rules in "
+                  "experiments/scale/README.md)")
     save_figure(fig, path, f"scale by truncation, all-MiniLM-L6-v2 ({payload.get('head')} head), 16-shot splits as "
                            f"seeds {payload['seeds']}, {payload['mode']} setting")
 

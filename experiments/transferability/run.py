@@ -114,12 +114,7 @@ def measure(cfg: dict, args) -> dict:
     # the seeds a run covers (and the cached evaluations stay valid for a run over some of them)
     tasks = [t for group in cfg["groups"].values() for t in group]
     fitting, report, dropped = kshot.splits(tasks, cfg["seeds"], args.data, cfg.get("report_examples"))
-    if getattr(args, "seeds", None):
-        wanted = [int(s) for s in args.seeds.split(",")]
-        unknown = sorted(set(wanted) - set(cfg["seeds"]))
-        if unknown:
-            raise ValueError(f"--seeds {args.seeds}: {unknown} not among the setting's seeds {cfg['seeds']}")
-        cfg = {**cfg, "seeds": [s for s in cfg["seeds"] if s in wanted]}
+    cfg = kshot.only_seeds(cfg, getattr(args, "seeds", None))
     tasks = [t for group in cfg["groups"].values() for t in group]
     work = work_dir("transferability", args)
     evaluate = Evaluator(cfg, report, work / "evaluations.json", args.data)
@@ -153,13 +148,7 @@ def measure(cfg: dict, args) -> dict:
             cells.append({"method": cfg["methods"][0], "row": ZERO_SHOT, "seed": seed, "source": ZERO_SHOT,
                           "target": target, "metric": cfg["metric"], "value": zero[target]})
     return {"seeds": cfg["seeds"], "paper": PAPER, "head": HEAD, "model": "all-MiniLM-L6-v2",
-            "protocol": {"selection": pr.split_keys([e for (_, seed), s in fitting.items() if seed in cfg["seeds"]
-                                                     for e in s["dev"]]),
-                         "report": pr.split_keys([e for examples in report.values() for e in examples]),
-                         "selection_split": "each split's 16-shot dev file", "report_split":
-                         "the task's test set (seeded subset of report_examples where larger)",
-                         "report_sizes": {t: len(e) for t, e in report.items()},
-                         "report_dropped_as_seen": dropped},
+            "protocol": kshot.protocol_record(fitting, report, dropped, cfg["seeds"]),
             "runs": runs, "cells": cells, "zero_shot": zero,
             "table": table(cells, cfg), "gain": gain_matrix(cells, cfg), "verdicts": verdicts(cells, cfg),
             "matrix": relative(cells, cfg), "summary": by_type(cells, cfg),
