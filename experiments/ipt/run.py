@@ -42,7 +42,7 @@ from torch.func import functional_call  # noqa: E402
 
 from deltactl.experiments import kshot  # noqa: E402
 from deltactl.experiments import protocol as pr  # noqa: E402
-from deltactl.experiments.study import main, save_figure, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import main, plot_verdicts, save_figure, threads, work_dir  # noqa: E402
 from deltactl.subspace import IntrinsicPrompt, PromptAutoencoder  # noqa: E402
 from deltactl.train.loop import fit, read_log  # noqa: E402
 
@@ -329,12 +329,7 @@ def measure(cfg: dict, args) -> dict:
     tasks = cfg["seen"] + cfg["unseen"]
     # the report split drops what any seed of the setting trains or chooses on: the same whichever seeds run
     fitting, report, dropped = kshot.splits(tasks, cfg["seeds"], args.data, cfg.get("report_examples"))
-    if getattr(args, "seeds", None):
-        wanted = [int(s) for s in args.seeds.split(",")]
-        unknown = sorted(set(wanted) - set(cfg["seeds"]))
-        if unknown:
-            raise ValueError(f"--seeds {args.seeds}: {unknown} not among the setting's seeds {cfg['seeds']}")
-        cfg = {**cfg, "seeds": [s for s in cfg["seeds"] if s in wanted]}
+    cfg = kshot.only_seeds(cfg, getattr(args, "seeds", None))
     work = work_dir("ipt", args)
     models = Models(cfg, args.data)
     reports = Reports(models, report, work)
@@ -383,12 +378,8 @@ def measure(cfg: dict, args) -> dict:
             + f" ({time.perf_counter() - started:.0f} s)", flush=True)
     return {"seeds": cfg["seeds"], "paper": PAPER, "head": kshot.HEAD, "model": "all-MiniLM-L6-v2",
             "seen": cfg["seen"], "unseen": cfg["unseen"], "zero_shot": zero,
-            "protocol": {"selection": pr.split_keys([e for (_, s), split in fitting.items() if s in cfg["seeds"]
-                                                     for e in split["dev"]]),
-                         "report": pr.split_keys([e for examples in report.values() for e in examples]),
-                         "selection_split": "each split's 16-shot dev file (the autoencoder: the seen tasks' ones)",
-                         "report_split": "the task's test set (seeded subset of report_examples where larger)",
-                         "report_sizes": {t: len(e) for t, e in report.items()}, "report_dropped_as_seen": dropped},
+            "protocol": {**kshot.protocol_record(fitting, report, dropped, cfg["seeds"]), "selection_split":
+                         "each split's 16-shot dev file (the autoencoder's: the seen tasks' dev files)"},
             "cells": cells, "runs": runs, "table": table(cells, cfg), "recovered": recovered(cells, cfg),
             "verdicts": verdicts(cells, cfg), "train_seconds": round(sum(r["seconds"] for r in runs), 1)}
 
@@ -493,22 +484,10 @@ def plot(payload: dict, path: Path) -> None:
     ax.set_title("accuracy: mean [95% CI] over seeds (* unseen)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3, axis="y")
-    ax = axes[1]
-    colour = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}
     found = payload["verdicts"]
-    ys = list(range(len(found)))[::-1]
-    for y, v in zip(ys, found):
-        d = v["difference"]
-        ax.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
-                    color=colour[v["verdict"]], capsize=4)
-        if v["rule"]["kind"] == "match":
-            for edge in (-v["rule"]["margin"], v["rule"]["margin"]):
-                ax.plot([edge] * 2, [y - 0.3, y + 0.3], color="k", lw=0.6)
-    ax.axvline(0.0, color="k", lw=0.8)
-    ax.set_yticks(ys, [f"{v['id']} {v['a']} − {v['b']} ({v['group']}): {v['verdict']}" for v in found], fontsize=7)
-    ax.set_xlabel("difference a − b in accuracy (mean over the group's tasks; 95% bootstrap CI over seeds)",
-                  fontsize=8)
-    ax.set_title("claims (rules in experiments/ipt/README.md)", fontsize=9)
+    plot_verdicts(axes[1], found, "difference a − b in accuracy (mean over the group's tasks; 95% bootstrap CI over "
+                  "seeds)", [f"{v['id']} {v['a']} − {v['b']} ({v['group']}): {v['verdict']}" for v in found])
+    axes[1].set_title("claims (rules in experiments/ipt/README.md)", fontsize=9)
     cfg = payload["config"]
     save_figure(fig, path, f"intrinsic prompt tuning, all-MiniLM-L6-v2 ({payload.get('head')} head), "
                            f"{cfg['prompt_length']}-token prompts, d_I = {cfg['intrinsic_dim']}, 16-shot splits as "
