@@ -13,10 +13,12 @@ setting's run is cleared rather than resumed into this one.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -77,6 +79,21 @@ def train_to_plateau(method: str, options: dict | None, task: str, seed: int, lr
     evaluation. ``model``: a checkpoint folder other than the default backbone."""
     key = {"task": task, "seed": seed, "lr": lr, "method": method, "options": options, "train": train,
            **({"model": str(model)} if model else {})}
+    with folder_lock(folder):  # two studies sharing runs (scale reads the performance study's) wait for each other
+        return _train_to_plateau(key, method, options, task, seed, lr, train, fitting, folder, data, model)
+
+
+@contextmanager
+def folder_lock(folder: Path):
+    """Hold an exclusive lock beside ``folder`` (the folder itself may be removed and remade) for the block; a
+    second process asking for it waits until the first is done."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        yield
+
+
+def _train_to_plateau(key, method, options, task, seed, lr, train, fitting, folder, data, model) -> dict:
     stored = folder / "result.json"
     if stored.exists() and json.loads(stored.read_text()).get("key") == key:
         return json.loads(stored.read_text())

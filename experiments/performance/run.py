@@ -84,14 +84,15 @@ def chosen_run(cfg, method, task, seed, fitting, report, work, data, model=None)
     folder = run_folder(work, task, method, seed, best)
     stored = folder / "evaluation.json"
     key = {"report": pr.split_keys(report[task]), "train": pr.split_keys(fitting[(task, seed)]["train"])}
-    evaluation = json.loads(stored.read_text()) if stored.exists() else {}
-    if evaluation.get("key") != key:
-        evaluation = {"key": key, **evaluate(cfg, method, task, seed, best, folder, report[task],
-                                             fitting[(task, seed)]["train"], data, model)}
-        kshot.write_json(stored, evaluation)
-    if cfg.get("prune", True):  # a fine-tuned encoder is 91 MB a run: keep the numbers, not the weights
-        for lr in grid(cfg, method):
-            shutil.rmtree(run_folder(work, task, method, seed, lr) / "best", ignore_errors=True)
+    with kshot.folder_lock(work / "runs" / f"{task}-{method}-seed{seed}"):  # another study may score it too
+        evaluation = json.loads(stored.read_text()) if stored.exists() else {}
+        if evaluation.get("key") != key:
+            evaluation = {"key": key, **evaluate(cfg, method, task, seed, best, folder, report[task],
+                                                 fitting[(task, seed)]["train"], data, model)}
+            kshot.write_json(stored, evaluation)
+        if cfg.get("prune", True):  # a fine-tuned encoder is 91 MB a run: keep the numbers, not the weights
+            for lr in grid(cfg, method):
+                shutil.rmtree(run_folder(work, task, method, seed, lr) / "best", ignore_errors=True)
     chosen = records[best]
     row = {"method": method, "task": task, "seed": seed, "lr": best,
            "selection_scores": {f"{k:g}": v for k, v in scores.items()},
