@@ -100,6 +100,7 @@ def test_check_results_accepts_a_sound_study_and_names_each_fault():
         "no interval": (lambda r: r["table"][0]["summary"].pop("low"), "row 0 (lora) has no mean with an interval"),
         "two seeds": (lambda r: r["table"][1]["summary"].update(n=2), "row 1 (ft) rests on 2 seeds"),
         "wrong verdict": (lambda r: r["verdicts"][0].update(verdict="disagrees"), "but its rule gives agrees"),
+        "verdict on two seeds": (lambda r: r["verdicts"][0]["difference"].update(n=2), "rests on 2 seeds"),
         "no protocol": (lambda r: r.pop("protocol"), "no protocol record"),
         "no verdict": (lambda r: r.pop("verdicts"), "no verdict"),
     }
@@ -120,6 +121,9 @@ def test_a_study_without_data_says_why_and_still_needs_intervals():
     results["protocol"] = {"data": pr.NO_DATA, "why": "timing"}
     results["table"][0]["summary"].update(n=1)
     assert any("rests on 1 seeds" in p for p in pr.check_results(results))
+    results["table"][0]["summary"].update(n=3)
+    results["protocol"] = {"data": pr.NO_DATA, "why": "timing", "selection": ["a"], "report": ["a"]}
+    assert any("records split keys" in p for p in pr.check_results(results))
     results["protocol"] = {"data": "some"}  # anything but NO_DATA needs its splits
     assert pr.check_results(results) == ["no protocol record (selection and report split keys)"]
 

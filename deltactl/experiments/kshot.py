@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,8 +136,11 @@ def best_delta(folder: Path) -> dict:
 
 def write_json(path: Path, value) -> None:
     """Write JSON atomically: a kill leaves the old file or the new one, never half of one."""
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    path = Path(path)
+    # a temporary name of this writer's own: two processes writing the same file never replace each other's
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w") as out:
+        out.write(json.dumps(value, indent=1) + "\n")
     os.replace(tmp, path)
 
 

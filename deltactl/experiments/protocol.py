@@ -156,6 +156,8 @@ def check_results(results: dict) -> list[str]:
         # but the study must say why, and its repeats still need intervals and a rule
         if not str(protocol.get("why", "")).strip():
             problems.append("a study without data splits must say why it needs none (protocol.why)")
+        if protocol.get("selection") or protocol.get("report"):
+            problems.append("a study that declares no data records split keys: it has splits, so check them")
     elif not isinstance(protocol, dict) or "selection" not in protocol or "report" not in protocol:
         return ["no protocol record (selection and report split keys)"]
     else:
@@ -179,6 +181,9 @@ def check_results(results: dict) -> list[str]:
         if verdict.get("verdict") not in VERDICTS:
             problems.append(f"verdict {verdict.get('claim', '?')!r} is not one of {', '.join(VERDICTS)}")
             continue
+        seeds = verdict.get("difference", {}).get("n", 0)
+        if seeds < MIN_SEEDS:
+            problems.append(f"verdict {verdict.get('claim', '?')!r} rests on {seeds} seeds (< {MIN_SEEDS})")
         rule = _rule(verdict.get("rule", {}))
         difference = Summary(**{k: verdict["difference"][k] for k in ("mean", "low", "high", "n")}, values=())
         if rule is not None and rule.verdict(difference) != verdict["verdict"]:

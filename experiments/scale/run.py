@@ -27,7 +27,15 @@ sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: impor
 
 from deltactl.experiments import kshot  # noqa: E402
 from deltactl.experiments import protocol as pr  # noqa: E402
-from deltactl.experiments.study import main, plot_verdicts, save_figure, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import (  # noqa: E402
+    main,
+    mode,
+    plot_verdicts,
+    save_figure,
+    settings,
+    threads,
+    work_dir,
+)
 
 PAPER = ("Ding et al. 2023, Fig. 6 (T5-small, -base, -XXL): the performance of delta tuning approaches FT as the "
          "model grows; at T5-XXL all methods, prompt tuning included, come close to FT")
@@ -65,8 +73,21 @@ def truncated(depth: int, folder: Path) -> str | None:
     return str(target)
 
 
+def check_shared(cfg: dict, args) -> None:
+    """The full-depth runs live in the performance study's cache, keyed by their settings: settings that differ
+    from that study's would make each study clear the other's runs, so they are refused."""
+    theirs = settings(HERE.parent / "performance", mode(args))
+    differing = [name for name in ("train", "report_examples", "curve_evals") if cfg.get(name) != theirs.get(name)]
+    differing += [f"{name}[{m}]" for name in ("lr_grid", "method_options") for m in cfg["methods"]
+                  if cfg[name].get(m) != theirs[name].get(m)]
+    if differing:
+        raise ValueError(f"experiments/scale/config.json ({mode(args)}) differs from the performance study's setting "
+                         f"in {', '.join(differing)}; the full-depth runs are that study's, so keep them equal")
+
+
 def measure(cfg: dict, args) -> dict:
     threads()
+    check_shared(cfg, args)
     performance = performance_study()
     fitting, report, dropped = kshot.splits(cfg["tasks"], cfg["seeds"], args.data, cfg.get("report_examples"))
     work = work_dir("scale", args)
