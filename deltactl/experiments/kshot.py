@@ -141,6 +141,7 @@ def write_json(path: Path, value) -> None:
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(handle, "w") as out:
         out.write(json.dumps(value, indent=1) + "\n")
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; a result file is as readable as any other
     os.replace(tmp, path)
 
 
