@@ -95,6 +95,21 @@ def folder_lock(folder: Path):
 
 
 def _train_to_plateau(key, method, options, task, seed, lr, train, fitting, folder, data, model) -> dict:
+    def prepare():
+        run_spec = spec(method, task, seed, lr, train, options, epochs=float(train["max_epochs"]), model=model)
+        _, task_model, _ = run.build(run_spec, data)
+        return task_model.model, run.trainable_parameters(task_model), task_model, run_spec.train
+
+    return plateau(key, folder, prepare, fitting[(task, seed)]["train"], fitting[(task, seed)]["dev"],
+                   {"task": task, "seed": seed, "lr": lr, "method": method})
+
+
+def plateau(key: dict, folder: Path, prepare, train_set: list, dev_set: list, fields: dict) -> dict:
+    """A cached run to a plateau: ``prepare()`` gives (model, trainable, task model, TrainConfig); training stops
+    when the selection accuracy on ``dev_set`` stops improving (the config's patience). The record (``fields``,
+    the selection accuracy and step, the curve, the size of δ, the seconds) is cached in ``folder/result.json``
+    under ``key``; a folder holding another key's run is cleared, never resumed into this one. The best δ is
+    ``folder/best/trainable.safetensors``."""
     stored = folder / "result.json"
     if stored.exists() and json.loads(stored.read_text()).get("key") == key:
         return json.loads(stored.read_text())
@@ -103,25 +118,21 @@ def _train_to_plateau(key, method, options, task, seed, lr, train, fitting, fold
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "key.json").write_text(json.dumps(key) + "\n")
     started = time.perf_counter()
-    run_spec = spec(method, task, seed, lr, train, options, epochs=float(train["max_epochs"]), model=model)
-    _, task_model, _ = run.build(run_spec, data)
-    trainable = run.trainable_parameters(task_model)
-    train_set, dev_set = fitting[(task, seed)]["train"], fitting[(task, seed)]["dev"]
+    model, trainable, task_model, config = prepare()
 
     def save_best(best: Path):
         best.mkdir(parents=True, exist_ok=True)
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, str(best / BEST))
 
-    outcome = fit(task_model.model, trainable, train_set, task_model.collate, task_model.loss,
-                  lambda: task_model.evaluate(task_model.model, dev_set, 64), "accuracy", run_spec.train, folder,
-                  save_best)
+    outcome = fit(model, trainable, train_set, task_model.collate, task_model.loss,
+                  lambda: task_model.evaluate(model, dev_set, 64), "accuracy", config, folder, save_best)
     shutil.rmtree(folder / "checkpoint", ignore_errors=True)
     curve = [{"step": e["step"], "accuracy": e["accuracy"]} for e in read_log(folder / "log.jsonl")
              if "accuracy" in e]
-    record = {"key": key, "task": task, "seed": seed, "lr": lr, "method": method,
-              "selection_accuracy": outcome.best_metric, "best_step": outcome.best_step, "steps": outcome.steps,
-              "status": outcome.status, "curve": curve, "trainable_parameters":
-              sum(p.numel() for p in trainable.values()), "seconds": round(time.perf_counter() - started, 1)}
+    record = {"key": key, **fields, "selection_accuracy": outcome.best_metric, "best_step": outcome.best_step,
+              "steps": outcome.steps, "status": outcome.status, "curve": curve,
+              "trainable_parameters": sum(p.numel() for p in trainable.values()),
+              "seconds": round(time.perf_counter() - started, 1)}
     write_json(stored, record)
     return record
 

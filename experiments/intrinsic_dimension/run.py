@@ -118,43 +118,21 @@ def train_to_plateau(entry: dict, task: str, seed: int, point, lr: float, cfg: d
     """Train at ``point`` with ``lr`` until the selection accuracy stops improving (``patience`` evaluations without
     a gain, at most ``max_epochs``); the record, cached in ``folder/result.json`` (a folder holding another
     setting's run is cleared). The best δ is kept in ``folder/best/trainable.safetensors``."""
-    from safetensors.torch import save_file
-
-    from deltactl.train.loop import TrainConfig, fit, read_log
+    from deltactl.train.loop import TrainConfig
 
     key = {"model": identity(entry), "task": task, "seed": seed, "point": point, "lr": lr, "train": cfg["train"],
            "exclude": cfg["exclude"]}
-    stored = folder / "result.json"
-    if stored.exists() and json.loads(stored.read_text()).get("key") == key:
-        return json.loads(stored.read_text())
-    if folder.exists() and (not (folder / "key.json").exists() or json.loads((folder / "key.json").read_text()) != key):
-        shutil.rmtree(folder)  # another setting's run: never resume it into this one
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "key.json").write_text(json.dumps(key) + "\n")
-    started = time.perf_counter()
-    task_model = build(entry, task, seed, cfg, data)
-    model, trainable = attach(task_model, point, seed, cfg)
-    train = cfg["train"]
-    config = TrainConfig(lr=lr, epochs=float(train["max_epochs"]), batch_size=train["batch_size"],
-                         eval_every=train["eval_every"], patience=train["patience"], seed=seed)
-    train_set, dev_set = fitting[(task, seed)]["train"], fitting[(task, seed)]["dev"]
 
-    def save_best(best: Path):
-        best.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, str(best / kshot.BEST))
+    def prepare():
+        task_model = build(entry, task, seed, cfg, data)
+        model, trainable = attach(task_model, point, seed, cfg)
+        train = cfg["train"]
+        config = TrainConfig(lr=lr, epochs=float(train["max_epochs"]), batch_size=train["batch_size"],
+                             eval_every=train["eval_every"], patience=train["patience"], seed=seed)
+        return model, trainable, task_model, config
 
-    outcome = fit(model, trainable, train_set, task_model.collate, task_model.loss,
-                  lambda: task_model.evaluate(model, dev_set, 64), "accuracy", config, folder, save_best)
-    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
-    curve = [{"step": e["step"], "accuracy": e["accuracy"]} for e in read_log(folder / "log.jsonl")
-             if "accuracy" in e]
-    record = {"key": key, "model": entry["name"], "task": task, "seed": seed, "point": point, "lr": lr,
-              "selection_accuracy": outcome.best_metric, "best_step": outcome.best_step, "steps": outcome.steps,
-              "status": outcome.status, "curve": curve,
-              "trainable_parameters": sum(p.numel() for p in trainable.values()),
-              "seconds": round(time.perf_counter() - started, 1)}
-    kshot.write_json(stored, record)
-    return record
+    return kshot.plateau(key, folder, prepare, fitting[(task, seed)]["train"], fitting[(task, seed)]["dev"],
+                         {"model": entry["name"], "task": task, "seed": seed, "point": point, "lr": lr})
 
 
 def report_accuracy(entry: dict, task: str, seed: int, point, cfg: dict, folder: Path, report: list, data) -> float:
