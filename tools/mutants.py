@@ -315,6 +315,23 @@ MUTANTS = [
            "tests/test_distributed.py -k keep_the_delta", "processes train on their shares without exchanging gradients"),
     Mutant("deltactl/train/loop.py", "enabled=config.mixed_precision == \"bf16\"", "enabled=False",
            "tests/test_distributed.py -k bf16", "--mixed-precision bf16 computes in float32"),
+    Mutant("deltactl/experiments/protocol.py", "if not str(protocol.get(\"why\", \"\")).strip():", "if False:",
+           "tests/test_protocol.py", "a study may declare it has no data without saying why"),
+    Mutant("deltactl/experiments/protocol.py", "if seeds < MIN_SEEDS:", "if seeds < 1:",
+           "tests/test_protocol.py", "a verdict on two seeds passes the protocol check"),
+    Mutant("deltactl/experiments/kshot.py", "clean = [e for e in test if pr.example_key(e) not in seen]",
+           "clean = list(test)", "tests/test_kshot.py", "report sentences that a 16-shot file holds stay in the report"),
+    Mutant("deltactl/experiments/kshot.py", "fcntl.flock(handle, fcntl.LOCK_EX)", "fcntl.flock(handle, fcntl.LOCK_SH)",
+           "tests/test_kshot.py", "two processes train the same shared run at once"),
+    Mutant("experiments/performance/run.py", "values += [best] * (cfg[\"curve_evals\"] - len(values))",
+           "values += [0.0] * (cfg[\"curve_evals\"] - len(values))", "tests/test_protocol_studies.py",
+           "an early-stopped run's convergence drops to 0 after it stops"),
+    Mutant("experiments/generalisation_gap/run.py", "difference = pr.paired_summary(ft, delta)",
+           "difference = pr.paired_summary(delta, ft)", "tests/test_protocol_studies.py",
+           "the gap claims read gap(δ) − gap(FT)"),
+    Mutant("experiments/scale/run.py", "[a - b for a, b in zip(gap_small, gap_large)]",
+           "[b - a for a, b in zip(gap_small, gap_large)]", "tests/test_protocol_studies.py",
+           "the scale claims read the gap at the largest depth minus the smallest"),
 ]
 
 
