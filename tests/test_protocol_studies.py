@@ -1,20 +1,10 @@
 """The protocol studies read their claims the way their READMEs state them: which quantity, which direction
 (a − b), paired by seed. Synthetic runs with known differences stand in for trained ones."""
 
-import importlib.util
-
 import pytest
 
 from deltactl.experiments import protocol as pr
-from deltactl.experiments.runner import discover
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"study_{name}", discover()[name].script)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
+from deltactl.experiments.runner import load_script as _script
 
 SEEDS = (13, 21, 42)
 

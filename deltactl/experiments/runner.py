@@ -76,6 +76,17 @@ def get_study(name: str, root: str | os.PathLike | None = None) -> Study:
     return studies[name]
 
 
+def load_script(name: str, root: str | os.PathLike | None = None):
+    """A study's run.py as a module (its measure, plot and helpers; ``main`` runs only under ``__main__``), for a
+    study that reads another's runs, and for tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"study_{name}", get_study(name, root).script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def command(study: Study, quick: bool = False, out=None, data=None, plot_only: bool = False,
             extra: list[str] | tuple = ()) -> list[str]:
     """The command line that runs a study's script with the standard flags."""

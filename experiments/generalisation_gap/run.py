@@ -12,7 +12,6 @@ train − report accuracy. The claims are read by the rules stated in README.md 
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: import the deltactl beside experiments/
 
 from deltactl.experiments import protocol as pr  # noqa: E402
+from deltactl.experiments.runner import load_script  # noqa: E402
 from deltactl.experiments.study import main, plot_verdicts, save_figure, settings  # noqa: E402
 
 PAPER = ("Ding et al. 2023, Fig. 4 (T5-base): delta tuning and FT both fit the training data; the generalisation "
@@ -30,10 +30,7 @@ DELTA = ("lora", "adapter", "prefix", "prompt", "bitfit")
 
 def performance_study():
     """experiments/performance/run.py as a module (its measure, per_seed and labels)."""
-    spec = importlib.util.spec_from_file_location("performance_study", PERFORMANCE / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("performance", HERE.parent)
 
 
 def configure(p) -> None:

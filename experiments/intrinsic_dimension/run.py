@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from deltactl.experiments import kshot  # noqa: E402
 from deltactl.experiments import protocol as pr  # noqa: E402
-from deltactl.experiments.study import main, save_figure, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import main, plot_verdicts, save_figure, threads, work_dir  # noqa: E402
 
 PAPER = ("Aghajanyan et al. 2021 (ACL), Ding et al. 2023: a pre-trained model is tuned to 90 % of full fine-tuning "
          "in a random subspace of a few hundred to a few thousand dimensions (d90 ≈ 200-2,000 for BERT/RoBERTa on "
@@ -205,12 +205,7 @@ def zero_shot(entry: dict, task: str, seed: int, cfg: dict, report: dict, work: 
 def measure(cfg: dict, args) -> dict:
     threads()
     fitting, report, dropped = kshot.splits(cfg["tasks"], cfg["seeds"], args.data, cfg.get("report_examples"))
-    if getattr(args, "seeds", None):
-        wanted = [int(s) for s in args.seeds.split(",")]
-        unknown = sorted(set(wanted) - set(cfg["seeds"]))
-        if unknown:
-            raise ValueError(f"--seeds {args.seeds}: {unknown} not among the setting's seeds {cfg['seeds']}")
-        cfg = {**cfg, "seeds": [s for s in cfg["seeds"] if s in wanted]}
+    cfg = kshot.only_seeds(cfg, getattr(args, "seeds", None))
     work = work_dir("intrinsic_dimension", args)
     runs, starts = [], []
     for seed in cfg["seeds"]:  # seed outermost: an interrupted study already holds whole seeds
@@ -221,12 +216,7 @@ def measure(cfg: dict, args) -> dict:
                     runs.append(chosen_run(entry, task, seed, point, cfg, fitting, report, work, args.data))
     points = per_seed_points(runs, starts, cfg)
     return {"seeds": cfg["seeds"], "paper": PAPER, "head": kshot.HEAD, "backbone": "all-MiniLM-L6-v2",
-            "protocol": {"selection": pr.split_keys([e for (_, seed), s in fitting.items() if seed in cfg["seeds"]
-                                                     for e in s["dev"]]),
-                         "report": pr.split_keys([e for examples in report.values() for e in examples]),
-                         "selection_split": "each split's 16-shot dev file", "report_split":
-                         "the task's test set (seeded subset of report_examples where larger)",
-                         "report_sizes": {t: len(e) for t, e in report.items()}, "report_dropped_as_seen": dropped},
+            "protocol": kshot.protocol_record(fitting, report, dropped, cfg["seeds"]),
             "zero_shot": starts, "runs": runs, "points": points, "table": table(points, cfg),
             "d90": d90_records(points, cfg, {t: len(e) for t, e in report.items()}),
             "verdicts": verdicts(points, cfg),
@@ -415,16 +405,8 @@ def plot(payload: dict, path: Path) -> None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     ax = axes[2]
-    colour = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}
-    found = payload["verdicts"]
-    ys = list(range(len(found)))[::-1]
-    for y, v in zip(ys, found):
-        d = v["difference"]
-        ax.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
-                    color=colour[v["verdict"]], capsize=4)
-    ax.axvline(0.0, color="k", lw=0.8)
-    ax.set_yticks(ys, [f"{v['id']}: {v['verdict']}" for v in found], fontsize=8)
-    ax.set_xlabel("per-seed quantity of the claim (README.md); 95% bootstrap CI over seeds", fontsize=8)
+    plot_verdicts(ax, payload["verdicts"], "per-seed quantity of the claim (README.md); 95% bootstrap CI over seeds",
+                  labels=[f"{v['id']}: {v['verdict']}" for v in payload["verdicts"]])
     ax.set_title("claims (rules in experiments/intrinsic_dimension/README.md)", fontsize=9)
     save_figure(fig, path, f"intrinsic dimension, all-MiniLM-L6-v2 ({payload.get('head')} head), 16-shot splits as "
                            f"seeds {payload['seeds']}, {payload['mode']} setting")

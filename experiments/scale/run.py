@@ -18,7 +18,6 @@ paper's T5-XXL.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: impor
 
 from deltactl.experiments import kshot  # noqa: E402
 from deltactl.experiments import protocol as pr  # noqa: E402
+from deltactl.experiments.runner import load_script  # noqa: E402
 from deltactl.experiments.study import (  # noqa: E402
     main,
     mode,
@@ -44,10 +44,7 @@ FULL_DEPTH = 6  # all-MiniLM-L6-v2's blocks
 
 def performance_study():
     """experiments/performance/run.py as a module: its runs, evaluation and cache are this study's too."""
-    spec = importlib.util.spec_from_file_location("performance_study", HERE.parent / "performance" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("performance", HERE.parent)
 
 
 def truncated(depth: int, folder: Path) -> str | None:

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from deltactl.experiments import kshot  # noqa: E402
 from deltactl.experiments import protocol as pr  # noqa: E402
-from deltactl.experiments.study import main, mean_std, save_figure, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import VERDICT_COLOURS, main, mean_std, save_figure, threads, work_dir  # noqa: E402
 from deltactl.train import run  # noqa: E402
 
 PAPER = ("Ding et al. 2023, Fig. 7 (prompt tuning, T5-base): relative performance is high between tasks of the "
@@ -334,7 +334,7 @@ def plot(payload: dict, path: Path) -> None:
     ys = np.arange(len(verdicts_))[::-1]
     for y, v in zip(ys, verdicts_):
         d = v["difference"]
-        color = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}[v["verdict"]]
+        color = VERDICT_COLOURS[v["verdict"]]
         ax.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", color=color,
                     capsize=4)
         ax.plot([d["low"], d["high"]], [y, y], color=color, lw=2)
