@@ -59,29 +59,46 @@ def splits(tasks, seeds, data, report_examples: int | None) -> tuple[dict, dict,
 
 
 def spec(method: str, task: str, seed: int, lr: float, train: dict, options: dict | None, epochs: float = 1.0,
-         model: str | None = None):
-    """The run spec: ``train`` holds batch_size, eval_every, patience and max_length; ``options`` the method's;
-    ``model`` a checkpoint folder (default: the package's all-MiniLM-L6-v2)."""
+         model: str | None = None, after: Path | None = None):
+    """The run spec: ``train`` holds batch_size, eval_every, patience and max_length; ``options`` the method's (for
+    a combination such as ``prompt+bitfit``, each part's by its name); ``model`` a checkpoint folder (default: the
+    package's all-MiniLM-L6-v2); ``after`` the folder of an earlier stage whose δ stays attached and frozen."""
     if method == run.FULL_FINE_TUNING:
         options = None
-    elif "seed" in {f.name for f in dataclasses.fields(registry.get(method).config)}:
-        options = {**(options or {}), "seed": seed}  # a method with a random init (prompt rows, modules) follows it
+    elif "+" in method:
+        options = {name: _seeded(name, (options or {}).get(name), seed) or {} for name in method.split("+")}
+    else:
+        options = _seeded(method, options, seed)
+    extra = {**({"model": str(model)} if model else {}), **({"after": str(after)} if after else {})}
     return run.resolve(method, task, {"batch_size": train["batch_size"], "eval_every": train["eval_every"],
                                       "seed": seed, "epochs": epochs, "patience": train["patience"], "lr": lr},
-                       method_options=options, max_length=train["max_length"], head=HEAD, kshot_seed=seed,
-                       **({"model": str(model)} if model else {}))
+                       method_options=options, max_length=train["max_length"], head=HEAD, kshot_seed=seed, **extra)
+
+
+def _seeded(method: str, options: dict | None, seed: int) -> dict | None:
+    """A method with a random init (prompt rows, modules) follows the split seed."""
+    if "seed" in {f.name for f in dataclasses.fields(registry.get(method).config)}:
+        return {**(options or {}), "seed": seed}
+    return options
 
 
 def train_to_plateau(method: str, options: dict | None, task: str, seed: int, lr: float, train: dict,
-                     fitting: dict, folder: Path, data, model: str | None = None) -> dict:
+                     fitting: dict, folder: Path, data, model: str | None = None, after: Path | None = None) -> dict:
     """Train δ on (task, seed) with ``lr`` until the selection score stops improving (``train["patience"]``
     evaluations without a gain, at most ``train["max_epochs"]``); the record, cached in ``folder/result.json``.
-    The best δ is in ``folder/best/trainable.safetensors``; ``curve`` is the selection accuracy at every
-    evaluation. ``model``: a checkpoint folder other than the default backbone."""
+    The best δ is in ``folder/best/trainable.safetensors`` and the spec in ``folder/run.json``, so a later stage
+    can continue this one (``after``: an earlier stage's folder, its δ attached and frozen; the run's key holds
+    the earlier stage's key, so a changed earlier stage retrains this one); ``curve`` is the selection accuracy at
+    every evaluation. ``model``: a checkpoint folder other than the default backbone."""
     key = {"task": task, "seed": seed, "lr": lr, "method": method, "options": options, "train": train,
            **({"model": str(model)} if model else {})}
+    if after is not None:
+        stored = Path(after) / "result.json"
+        if not stored.exists():
+            raise FileNotFoundError(f"{stored} is missing: train the earlier stage before the one that continues it")
+        key["after"] = json.loads(stored.read_text())["key"]
     with folder_lock(folder):  # two studies sharing runs (scale reads the performance study's) wait for each other
-        return _train_to_plateau(key, method, options, task, seed, lr, train, fitting, folder, data, model)
+        return _train_to_plateau(key, method, options, task, seed, lr, train, fitting, folder, data, model, after)
 
 
 @contextmanager
@@ -94,10 +111,12 @@ def folder_lock(folder: Path):
         yield
 
 
-def _train_to_plateau(key, method, options, task, seed, lr, train, fitting, folder, data, model) -> dict:
+def _train_to_plateau(key, method, options, task, seed, lr, train, fitting, folder, data, model, after) -> dict:
     def prepare():
-        run_spec = spec(method, task, seed, lr, train, options, epochs=float(train["max_epochs"]), model=model)
-        _, task_model, _ = run.build(run_spec, data)
+        run_spec = spec(method, task, seed, lr, train, options, epochs=float(train["max_epochs"]), model=model,
+                        after=after)
+        write_json(folder / "run.json", run_spec.to_dict())  # what a later stage restores (run.read_spec)
+        _, task_model, _ = run.build_deltas(run_spec, data)
         return task_model.model, run.trainable_parameters(task_model), task_model, run_spec.train
 
     return plateau(key, folder, prepare, fitting[(task, seed)]["train"], fitting[(task, seed)]["dev"],
@@ -143,6 +162,22 @@ def best_delta(folder: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the run kept no best δ (or it was pruned); rerun it")
     return load_file(str(path))
+
+
+def score_best(run_spec, folder: Path, data, sets: dict) -> dict:
+    """Accuracy of a run's best δ (restored into a model built from ``run_spec``, earlier stages included) on each
+    named example list of ``sets``."""
+    import torch
+
+    _, task_model, _ = run.build_deltas(run_spec, data)
+    params = dict(task_model.model.named_parameters())
+    with torch.no_grad():
+        for name, value in best_delta(folder).items():
+            params[name].copy_(value)
+    task_model.model.eval()
+    with torch.no_grad():
+        return {split: task_model.evaluate(task_model.model, examples, 64)["accuracy"]
+                for split, examples in sets.items()}
 
 
 def write_json(path: Path, value) -> None:

@@ -1,286 +1,248 @@
-"""Combinations of delta-tuning methods (Ding et al. 2023, §"Combinations of delta-tuning methods", Table 5).
+"""Combinations of delta-tuning methods (Ding et al. 2023, §"Combinations of delta-tuning methods", Table 5), on
+the study protocol.
 
-Three deltas act at different sites of the frozen MiniLM: prompt tuning (P, soft tokens prepended to the input
-embeddings), BitFit (B, the biases) and adapters (A, bottleneck MLPs after the sublayers). Two ways of using
-several of them:
+Three deltas act at different sites of the frozen all-MiniLM-L6-v2, read through the frozen label-word head (so
+nothing but δ trains): prompt tuning (P, soft tokens before the input), BitFit (B, the biases) and adapters (A,
+bottleneck MLPs after the sublayers). Two ways of using several of them:
 
-* simultaneous — every subset S ⊆ {P, B, A} is attached at once and trained together: min over (δ_s)_{s∈S} and
-  the head of L(G_S(θ, δ)); the empty subset is the frozen backbone with only the classifier head trained
-  ("head only": a BitFit delta attached and disabled, so the backbone is frozen and nothing of it moves);
-* sequential — P, then B on top of the trained and frozen P, then A on top of the frozen P and B: stage k
-  minimises L over δ_k and the head, with δ_1 … δ_{k−1} fixed at the previous stages' best values
-  (``RunSpec.after``); every stage has the same step budget as one simultaneous run.
+* simultaneous: every non-empty subset S of {P, B, A} is attached at once and trained together (one learning rate,
+  chosen from the subset's grid on the selection split);
+* sequential: every order X → Y → Z of the three. Stage 1 is X's own simultaneous run; stage k trains its method
+  on top of the earlier stages' best δ, attached and frozen (``RunSpec.after``), with the learning rate its
+  method won alone on the same split, and stops on the selection split like every run.
 
-Each run is selected on a small dev subset (best evaluation) and reported on a disjoint held-out subset:
-SST-2 "full data" (a seeded training subsample; selection and report both from the GLUE dev set, disjoint) and
-16-shot (LM-BFF split ``kshot_seed``: selection on its 32-example dev set, report on its test set = GLUE dev).
-
-The paper's third axis, with and without a manual template, needs a model that reads a template and fills its
-blank with a label word. A setting with ``"t5": SIZE`` runs on a T5 pre-trained here with span corruption (the
-checkpoint the scale study uses, ``pretrain`` settings in config.json), text-to-text with rank classification,
-and ``"template": true`` gives it LM-BFF's manual template with the blank as its first sentinel
-(``deltactl.tasks.templates``: "<S1> It was <extra_id_0> ." → "<extra_id_0> great"), against the T5 task prefix
-("sst2 sentence: <S1>" → "positive") without. A T5 has no head, so its empty subset trains nothing: it is the
-zero-shot model, through the template or not.
+Seed s is the LM-BFF split ``16-s`` of SST-2: its train file trains, its dev file (the selection split) chooses
+the learning rate and the stopping step, and the task's test set (the report split, never seen by a choice) gives
+the number. The claims are read by the rules stated in README.md before the run.
 
     python experiments/combinations/run.py --quick
-    python experiments/combinations/run.py --setting reduced
+    python experiments/combinations/run.py                   # the full study (resumable)
+    python experiments/combinations/run.py --seeds 13        # only this seed
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
-import time
-from dataclasses import asdict, replace
-from itertools import combinations
+from itertools import combinations, permutations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # a checkout without installing: import the deltactl beside experiments/
 
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+import json  # noqa: E402
 
-import deltactl as dc  # noqa: E402
-from deltactl.experiments.finetune import SUBSET_SEED, Budget, epochs_for, subset, weights_digest  # noqa: E402
-from deltactl.experiments.study import main, save_figure, threads, work_dir  # noqa: E402
-from deltactl.train import run  # noqa: E402
-from deltactl.train.loop import fit  # noqa: E402
+from deltactl.experiments import kshot, runner  # noqa: E402
+from deltactl.experiments import protocol as pr  # noqa: E402
+from deltactl.experiments.study import main, plot_verdicts, save_figure, threads, work_dir  # noqa: E402
 
-PARTS = ("prompt", "bitfit", "adapter")  # the paper's order, also the order of the sequential stages
 LETTER = {"prompt": "P", "bitfit": "B", "adapter": "A"}
-HEAD_ONLY = "none"
+BEST_SINGLE = "best single"  # per seed, the single method with the best selection accuracy
 PAPER = (
     "Ding et al. 2023, Table 5 (RoBERTa-large, GLUE/SuperGLUE): simultaneous - combining methods is generally "
     "better than any single one (adapter+BitFit, or all three, are the strongest); prompt tuning added to the "
-    "others hurts in the full-data setting and helps only in the few-shot setting with a manual template. "
+    "others hurts without a manual template and helps only in the few-shot setting with one. "
     "Sequential (P -> B -> A, earlier stages frozen) - adding a stage can improve on the previous one but does "
     "not always; there is no order that always helps."
 )
 
 
-def label(method: str) -> str:
-    """``prompt+adapter`` → ``P+A``; the empty subset is ``head only``."""
-    return "head only" if method == HEAD_ONLY else "+".join(LETTER[m] for m in method.split("+"))
+def configure(p) -> None:
+    p.add_argument("--seeds", help="comma-separated subset of the setting's seeds to train, evaluate and report")
 
 
-def simultaneous_methods() -> list[str]:
-    """Every subset of {P, B, A}, the empty one first (as ``none``), in the paper's order within a subset."""
-    subsets = [c for k in range(len(PARTS) + 1) for c in combinations(PARTS, k)]
-    return ["+".join(c) if c else HEAD_ONLY for c in subsets]
+def label(methods) -> str:
+    """``("prompt", "adapter")`` → ``P+A``."""
+    return "+".join(LETTER[m] for m in methods)
 
 
-def _split_sets(task, setting: dict) -> tuple[list, list]:
-    """(selection set, report set): disjoint; see the module docstring."""
-    if setting.get("kshot_seed") is not None:
-        return list(task.dev), subset(task.splits["test"], setting["report_examples"])
-    picked = subset(task.dev, setting["select_examples"] + setting["report_examples"])
-    return picked[: setting["select_examples"]], picked[setting["select_examples"]:]
+def chain_label(order) -> str:
+    """``("prompt", "bitfit")`` → ``P→B``."""
+    return "→".join(LETTER[m] for m in order)
 
 
-def train_stage(method: str, setting: dict, seed: int, budget: Budget, out: Path, data=None,
-                after: Path | None = None, lr: float | None = None, model: str | None = None) -> dict:
-    """Train one run (a subset trained simultaneously, or one sequential stage ``after`` an earlier one).
-
-    Like :func:`deltactl.experiments.finetune.run_budgeted` (fixed seeded subsets, exactly ``budget.steps``
-    steps, a finished run with the same settings is reused), but keeps ``run.json`` and ``best/`` so that a
-    later stage can restore this one, and scores the best δ on the report set. ``model``: a T5 checkpoint
-    folder (None: MiniLM). Returns the record.
-    """
-    out = Path(out)
-    earlier = json.loads((after / "result.json").read_text())["key"] if after else None
-    key = {"method": method, "task": setting["task"], "kshot_seed": setting.get("kshot_seed"), "seed": seed,
-           "budget": asdict(budget), "lr": lr, "after": earlier,
-           "sets": [setting.get(k) for k in ("select_examples", "report_examples")]}
-    if model:  # recorded only when set, so the records of MiniLM runs stay valid
-        key.update(model=model, weights=weights_digest(model), template=bool(setting.get("template")))
-    stored = out / "result.json"
-    if stored.exists() and json.loads(stored.read_text()).get("key") == key:
-        return json.loads(stored.read_text())
-    shutil.rmtree(out, ignore_errors=True)  # a partial or different run: start it afresh (runs are short)
-    out.mkdir(parents=True)
-    started = time.perf_counter()
-    spec = run.resolve(
-        "bitfit" if method == HEAD_ONLY else method, setting["task"],
-        {"batch_size": budget.batch_size, "eval_every": budget.eval_every, "seed": seed, "epochs": 1.0,
-         **({"lr": lr} if lr else {})},
-        kshot_seed=setting.get("kshot_seed"), max_length=budget.max_length, after=str(after) if after else None,
-        model=model, template=bool(setting.get("template")),
-    )
-    task, task_model, deltas = run.build_deltas(spec, data)
-    if method == HEAD_ONLY:
-        for delta in deltas:
-            delta.disable()  # the backbone stays frozen (attached), the delta neither acts nor trains
-        deltas = []
-        if not task_model.head:  # a T5: nothing trains, the empty subset is the zero-shot model
-            return _zero_shot(task, task_model, setting, budget, key, out, started)
-    train_set = subset(task.train, budget.train_examples)
-    select, report = _split_sets(task, setting)
-    spec = replace(spec, train=replace(spec.train, epochs=epochs_for(budget.steps, len(train_set), budget.batch_size)))
-    (out / "run.json").write_text(json.dumps(spec.to_dict(), indent=1) + "\n")  # what a later stage restores
-    trainable = run.trainable_parameters(task_model)
-    eval_batch = max(budget.batch_size, 64)
-
-    def save_best(folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()},
-                  str(folder / "trainable.safetensors"))
-
-    def loss(model, batch):  # the task loss plus the deltas' regularisers R(δ), as deltactl.train.run.train
-        value = task_model.loss(model, batch)
-        penalty = dc.penalty(deltas[0].model) if deltas else None
-        return value if penalty is None else value + penalty
-
-    outcome = fit(
-        task_model.model, trainable, train_set, task_model.collate, loss,
-        lambda: task_model.evaluate(task_model.model, select, eval_batch), task.main_metric, spec.train, out,
-        save_best,
-    )
-    if not (out / "best" / "trainable.safetensors").exists():
-        raise RuntimeError(f"{out}: the run kept no δ (status {outcome.status}); see {out / 'log.jsonl'}")
-    with torch.no_grad():
-        for name, value in load_file(str(out / "best" / "trainable.safetensors")).items():
-            trainable[name].copy_(value)
-    task_model.model.eval()
-    with torch.no_grad():
-        scores = {"select": task_model.evaluate(task_model.model, select, eval_batch)[task.main_metric],
-                  "report": task_model.evaluate(task_model.model, report, eval_batch)[task.main_metric]}
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # best/ stays: a later stage restores it
-    record = {
-        "key": key, "method": method, "label": label(method), "main_metric": task.main_metric,
-        "lr": spec.train.lr, "train_examples": len(train_set), "select_examples": len(select),
-        "report_examples": len(report), "trainable_parameters": sum(p.numel() for p in trainable.values()),
-        "outcome": asdict(outcome), **scores,
-        "log": [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line],
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    stored.write_text(json.dumps(record, indent=1) + "\n")
-    return record
-
-
-def _zero_shot(task, task_model, setting, budget, key, out, started) -> dict:
-    """The record of a run that trains nothing: the frozen model scored on the selection and report sets."""
-    select, report = _split_sets(task, setting)
-    task_model.model.eval()
-    with torch.no_grad():
-        scores = {name: task_model.evaluate(task_model.model, examples, max(budget.batch_size, 64))[task.main_metric]
-                  for name, examples in (("select", select), ("report", report))}
-    record = {"key": key, "method": HEAD_ONLY, "label": "zero-shot", "main_metric": task.main_metric, "lr": 0.0,
-              "train_examples": 0, "select_examples": len(select), "report_examples": len(report),
-              "trainable_parameters": 0, "outcome": {"best_step": 0, "steps": 0, "status": "nothing to train"},
-              **scores, "log": [], "seconds": round(time.perf_counter() - started, 1)}
-    (out / "result.json").write_text(json.dumps(record, indent=1) + "\n")
-    return record
-
-
-def checkpoint(setting: dict, cfg: dict, args) -> str | None:
-    """The T5 checkpoint folder a setting names (``"t5": SIZE``), pre-trained now if absent; None for MiniLM."""
-    if "t5" not in setting:
-        return None
-    from deltactl.experiments.study import mode
-    from deltactl.train.pretrain import PretrainConfig, pretrained
-
-    fields = {**cfg["pretrain"], "size": setting["t5"]}
-    if "tasks" in fields:
-        fields["tasks"] = tuple(fields["tasks"])
-    quick = work_dir("combinations", args) / f"t5-{setting['t5']}" if mode(args) == "quick" else None
-    return str(pretrained(PretrainConfig(**fields), quick, data=args.data)[0])
+def subsets(parts) -> list[tuple]:
+    """Every non-empty subset of ``parts``, smallest first, in the order of ``parts`` within a subset."""
+    return [c for k in range(1, len(parts) + 1) for c in combinations(parts, k)]
 
 
 def measure(cfg: dict, args) -> dict:
     threads()
-    torch.manual_seed(SUBSET_SEED)
-    root = work_dir("combinations", args)
-    unknown = set(args.only or []) - set(cfg["settings"])
-    if unknown:
-        raise ValueError(f"--only {', '.join(sorted(unknown))}: not a setting here; settings: "
-                         f"{', '.join(cfg['settings'])}")
-    settings = {}
-    for name, setting in cfg["settings"].items():
-        if args.only and name not in args.only:
+    task = cfg["task"]
+    # the report split drops what any seed of the setting trains or chooses on: the same whichever seeds run
+    fitting, report, dropped = kshot.splits([task], cfg["seeds"], args.data, cfg["report_examples"])
+    cfg = kshot.only_seeds(cfg, getattr(args, "seeds", None))
+    work = work_dir("combinations", args)
+    runs = []
+    for seed in cfg["seeds"]:
+        single = {}
+        for parts in subsets(cfg["parts"]):
+            row = chosen_run(cfg, parts, seed, fitting, report[task], work, args.data)
+            runs.append(row)
+            if len(parts) == 1:
+                single[parts[0]] = row
+        for order in permutations(cfg["parts"]):
+            after = Path(single[order[0]]["folder"])
+            for k in range(1, len(order)):
+                row = stage_run(cfg, order[: k + 1], single[order[k]]["lr"], after, seed, fitting, report[task],
+                                work, args.data)
+                runs.append(row)
+                after = Path(row["folder"])
+    performance = runner.load_script("performance")
+    zero = performance.zero_shot(cfg, task, report[task], work, args.data)
+    return {"seeds": cfg["seeds"], "paper": PAPER, "head": kshot.HEAD, "model": "all-MiniLM-L6-v2", "task": task,
+            "zero_shot": zero, "protocol": kshot.protocol_record(fitting, report, dropped, cfg["seeds"]),
+            "runs": runs, "table": table(runs), "verdicts": verdicts(runs, cfg),
+            "reading": reading(verdicts(runs, cfg)),
+            "compute_seconds": round(sum(r["seconds"] for r in runs), 1)}  # every lr of every grid
+
+
+def chosen_run(cfg, parts, seed, fitting, report, work, data) -> dict:
+    """A subset trained simultaneously: every lr of its grid to a plateau, the best on the selection split, that
+    run's δ scored on the report split."""
+    method = "+".join(parts)
+    grid = [float(lr) for lr in cfg["lr_grid"][label(parts)]]
+    options = _options(cfg, parts)
+    records, folders = {}, {}
+    for lr in grid:
+        folders[lr] = work / "runs" / f"{cfg['task']}-seed{seed}-{label(parts)}-lr{lr:g}"
+        records[lr] = kshot.train_to_plateau(method, options, cfg["task"], seed, lr, cfg["train"], fitting,
+                                             folders[lr], data)
+    best, scores = pr.select(grid, lambda lr: _score(records[lr]))
+    if records[best]["selection_accuracy"] is None:
+        raise ValueError(f"{label(parts)}, seed {seed}: every learning rate of {grid} diverged before its first "
+                         f"evaluation ({folders[best]}); give it a gentler grid in config.json")
+    return _row(cfg, "simultaneous", label(parts), parts, seed, best, records[best], folders[best], report, data,
+                seconds=sum(r["seconds"] for r in records.values()), selection_scores=scores)
+
+
+def stage_run(cfg, order, lr, after, seed, fitting, report, work, data) -> dict:
+    """The last stage of ``order``: its method trained on top of the earlier stages (``after``, frozen)."""
+    method = order[-1]
+    folder = work / "runs" / f"{cfg['task']}-seed{seed}-seq-{'-'.join(LETTER[m] for m in order)}-lr{lr:g}"
+    record = kshot.train_to_plateau(method, _options(cfg, (method,)), cfg["task"], seed, lr, cfg["train"], fitting,
+                                    folder, data, after=after)
+    return _row(cfg, "sequential", chain_label(order), order, seed, lr, record, folder, report, data,
+                seconds=record["seconds"], selection_scores={lr: record["selection_accuracy"]})
+
+
+def _options(cfg: dict, parts) -> dict | None:
+    """The method options of one part, or of each part of a combination by name."""
+    if len(parts) == 1:
+        return cfg["method_options"].get(parts[0])
+    return {p: cfg["method_options"][p] for p in parts if p in cfg["method_options"]} or None
+
+
+def _score(record: dict) -> float:
+    return -1.0 if record["selection_accuracy"] is None else record["selection_accuracy"]
+
+
+def _row(cfg, kind, name, parts, seed, lr, record, folder, report, data, seconds, selection_scores) -> dict:
+    """The study's record of a chosen run; its report accuracy is cached beside the run, keyed by the split."""
+    stored = folder / "evaluation.json"
+    key = {"report": pr.split_keys(report), "run": record["key"]}
+    evaluation = json.loads(stored.read_text()) if stored.exists() else {}
+    if evaluation.get("key") != key:
+        run_spec = kshot.spec(record["method"], cfg["task"], seed, lr, cfg["train"], record["key"]["options"],
+                              after=json.loads((folder / "run.json").read_text()).get("after"))
+        evaluation = {"key": key, **kshot.score_best(run_spec, folder, data, {"report": report})}
+        kshot.write_json(stored, evaluation)
+    row = {"method": name, "kind": kind, "parts": list(parts), "seed": seed, "lr": lr,
+           "selection_scores": {f"{k:g}": v for k, v in selection_scores.items()},
+           "selection_accuracy": record["selection_accuracy"], "report_accuracy": evaluation["report"],
+           "best_step": record["best_step"], "steps": record["steps"], "status": record["status"],
+           "trainable_parameters": record["trainable_parameters"], "seconds": round(seconds, 1),
+           "folder": str(folder)}
+    print(f"seed {seed} {kind} {name}: lr {lr:g}, selection {row['selection_accuracy']:.4f}, report "
+          f"{row['report_accuracy']:.4f}, {row['steps']} steps, {row['seconds']} s", flush=True)
+    return row
+
+
+# -------------------------------------------------------------------------------------------- table, verdicts
+
+def per_seed(runs: list[dict], method: str, field: str = "report_accuracy") -> list[float]:
+    """``field`` of ``method`` (a run's label, or BEST_SINGLE) per seed, in seed order."""
+    out = []
+    for seed in sorted({r["seed"] for r in runs}):
+        if method == BEST_SINGLE:  # chosen per seed on the selection split; ties go to the earlier part
+            singles = [r for r in runs if r["seed"] == seed and r["kind"] == "simultaneous" and len(r["parts"]) == 1]
+            chosen = max(singles, key=lambda r: (_score(r), -singles.index(r)))
+            out.append(chosen[field])
             continue
-        budget = Budget(**{**cfg["budget"], **setting.get("budget", {})})  # a setting may shorten its runs
-        folder = root / name
-        model = checkpoint(setting, cfg, args)
-        simultaneous, sequential = [], []
-        for seed in cfg["seeds"]:
-            for method in simultaneous_methods():
-                lr = cfg["head_lr"] if method == HEAD_ONLY else None
-                record = train_stage(method, setting, seed, budget, folder / f"{method}-seed{seed}", args.data, lr=lr,
-                                     model=model)
-                simultaneous.append(_row(record, seed))
-                print(f"{name} simultaneous {record['label']:9s} seed {seed}: report {record['report']:.4f} "
-                      f"(select {record['select']:.4f}, {record['seconds']} s)", flush=True)
-            # stage 1 of the sequential chain is the simultaneous {P} run itself
-            after = folder / f"{PARTS[0]}-seed{seed}"
-            chain = [PARTS[0]]
-            sequential.append({**_row(json.loads((after / "result.json").read_text()), seed), "stage": "P"})
-            for part in PARTS[1:]:
-                chain.append(part)
-                stage = "→".join(LETTER[m] for m in chain)
-                out = folder / f"seq-{'-'.join(chain)}-seed{seed}"
-                record = train_stage(part, setting, seed, budget, out, args.data, after=after, model=model)
-                sequential.append({**_row(record, seed), "stage": stage})
-                print(f"{name} sequential {stage:9s} seed {seed}: report {record['report']:.4f} "
-                      f"(select {record['select']:.4f}, {record['seconds']} s)", flush=True)
-                after = out
-        settings[name] = {"setting": setting, "budget": asdict(budget), "simultaneous": simultaneous,
-                          "sequential": sequential}
-    rows = [r for s in settings.values() for r in s["simultaneous"] + s["sequential"][1:]]
-    return {"seeds": cfg["seeds"], "work_dir": root, "paper": PAPER, "settings": settings,
-            "compute_seconds": round(sum(r["seconds"] for r in rows), 1)}
+        matches = [r[field] for r in runs if r["seed"] == seed and r["method"] == method]
+        if len(matches) != 1:
+            raise ValueError(f"seed {seed}: {len(matches)} runs of {method}; expected one")
+        out.append(matches[0])
+    return out
 
 
-def _row(record: dict, seed: int) -> dict:
-    keep = ("method", "label", "main_metric", "lr", "trainable_parameters", "select", "report", "seconds",
-            "train_examples", "select_examples", "report_examples")
-    return {"seed": seed, **{k: record[k] for k in keep}, "best_step": record["outcome"]["best_step"],
-            "steps": record["outcome"]["steps"], "status": record["outcome"]["status"]}
+def table(runs: list[dict]) -> list[dict]:
+    """One row per subset and per sequential chain: report accuracy, mean and interval over seeds."""
+    names = list(dict.fromkeys((r["kind"], r["method"]) for r in runs))
+    return [{"method": name, "kind": kind, "quantity": "report_accuracy",
+             "summary": pr.summary(per_seed(runs, name)).to_dict()} for kind, name in names]
 
 
-def mean_by(rows: list[dict], field: str) -> dict[str, float]:
-    """Mean report metric per ``field`` value (over seeds), in first-seen order."""
-    groups: dict[str, list[float]] = {}
-    for r in rows:
-        groups.setdefault(r[field], []).append(r["report"])
-    return {k: sum(v) / len(v) for k, v in groups.items()}
+# The claims and rules of README.md, stated before the full run: (id, claim, a, b); every rule is BetterRule
+CLAIMS = (
+    ("K1", "adding adapters to BitFit raises accuracy", "B+A", "B"),
+    ("K2", "adding BitFit to adapters raises accuracy", "B+A", "A"),
+    ("K3", "all three together beat the best single method", "P+B+A", BEST_SINGLE),
+    ("K4", "adding prompt tuning (no template) to B+A lowers accuracy", "B+A", "P+B+A"),
+    *((f"Q{i + 1}", f"the chain {chain_label(o)} beats its first stage {LETTER[o[0]]} alone", chain_label(o),
+       LETTER[o[0]]) for i, o in enumerate(permutations(("prompt", "bitfit", "adapter")))),
+)
 
+
+def verdicts(runs: list[dict], cfg: dict) -> list[dict]:
+    present = {r["method"] for r in runs} | {BEST_SINGLE}
+    out = []
+    for claim_id, claim, a, b in CLAIMS:
+        if a not in present or b not in present:
+            continue  # the quick setting runs two of the parts
+        rule = pr.BetterRule()
+        difference = pr.paired_summary(per_seed(runs, a), per_seed(runs, b))
+        out.append({"id": claim_id, "claim": claim, "quantity": "report_accuracy", "a": a, "b": b,
+                    "rule": pr.rule_record(rule), "difference": difference.to_dict(),
+                    "verdict": rule.verdict(difference)})
+    return out
+
+
+def reading(found: list[dict]) -> dict:
+    """The paper's sequential finding ("a stage can help, no order always does"), read from Q1–Q6 as README.md
+    states: it agrees if at least one chain beats its first stage and at least one does not."""
+    chains = [v["verdict"] for v in found if v["id"].startswith("Q")]
+    if len(chains) < 6:
+        return {"sequential": "not read", "why": "the setting runs fewer than all six orders"}
+    helped = chains.count("agrees")
+    verdict = "agrees" if 0 < helped < len(chains) else "disagrees"
+    return {"sequential": verdict, "chains_that_beat_their_first_stage": helped, "chains": len(chains)}
+
+
+# ------------------------------------------------------------------------------------------------------ plot
 
 def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    settings = payload["settings"]
-    columns = min(2, len(settings))
-    rows = -(-len(settings) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.0 * rows), squeeze=False)
-    for ax in axes.flat[len(settings):]:
-        ax.axis("off")
-    for ax, block in zip(axes.flat, settings.values()):
-        sim = mean_by(block["simultaneous"], "label")
-        seq = mean_by(block["sequential"], "stage")
-        names = [*sim, *seq]
-        colours = ["tab:blue"] * len(sim) + ["tab:orange"] * len(seq)
-        ax.bar(range(len(names)), [*sim.values(), *seq.values()], color=colours)
-        for i, value in enumerate([*sim.values(), *seq.values()]):
-            ax.text(i, value + 0.01, f"{value:.3f}", ha="center", fontsize=6)
-        ax.axvline(len(sim) - 0.5, color="grey", lw=0.8, ls=":")
-        ax.set_xticks(range(len(names)), names, rotation=40, fontsize=7)
-        metric = block["simultaneous"][0]["main_metric"]
-        ax.set_ylabel(f"{metric} (report set)", fontsize=8)
-        ax.set_ylim(0, 1.08)
-        setting = block["setting"]
-        where = f"16-shot, seed {setting['kshot_seed']}" if setting.get("kshot_seed") is not None else "subsample"
-        model = f"T5-{setting['t5']}, {'template' if setting.get('template') else 'no template'}" \
-            if "t5" in setting else "MiniLM"
-        ax.set_title(f"{setting['task']} ({where}; {model}):\nsimultaneous (blue) | sequential (orange)", fontsize=8)
-    save_figure(fig, path, f"combinations of P, B, A, {payload['mode']} setting, seeds {payload['seeds']}")
-
-
-def configure(p) -> None:
-    p.add_argument("--only", nargs="+", metavar="SETTING",
-                   help="measure only these data settings (e.g. sst2-16shot); finished runs are reused later")
+    rows = payload["table"]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), gridspec_kw={"width_ratios": [1.5, 1]})
+    ax = axes[0]
+    colours = {"simultaneous": "tab:blue", "sequential": "tab:orange"}
+    for i, row in enumerate(rows):
+        cell = row["summary"]
+        ax.bar(i, cell["mean"], 0.7, color=colours[row["kind"]],
+               yerr=[[cell["mean"] - cell["low"]], [cell["high"] - cell["mean"]]], capsize=3,
+               label=row["kind"] if row["kind"] not in [r["kind"] for r in rows[:i]] else None)
+    ax.axhline(payload["zero_shot"], color="grey", ls="--", lw=0.8, label="no δ (zero-shot)")
+    ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=40, fontsize=8)
+    ax.set_ylim(0.4, 1.0)
+    ax.set_ylabel("report accuracy", fontsize=8)
+    ax.set_title(f"{payload['task']} 16-shot: mean [95% CI] over splits {payload['seeds']}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    plot_verdicts(axes[1], payload["verdicts"], "difference a − b in report accuracy (95% bootstrap CI over seeds)")
+    axes[1].set_title("claims (rules in experiments/combinations/README.md)", fontsize=9)
+    save_figure(fig, path, f"combinations of P, B, A, all-MiniLM-L6-v2 ({payload.get('head')} head), "
+                           f"{payload['mode']} setting")
 
 
 if __name__ == "__main__":

@@ -128,16 +128,8 @@ def _score(record: dict) -> float:
 
 def evaluate(cfg, method, task, seed, lr, folder, report, train_set, data, model=None) -> dict:
     """Accuracy of the run's best δ on the report split and on the run's training file."""
-    _, task_model, _ = kshot.run.build(kshot.spec(method, task, seed, lr, cfg["train"],
-                                                  cfg["method_options"].get(method), model=model), data)
-    params = dict(task_model.model.named_parameters())
-    with torch.no_grad():
-        for name, value in kshot.best_delta(folder).items():
-            params[name].copy_(value)
-    task_model.model.eval()
-    with torch.no_grad():
-        return {split: task_model.evaluate(task_model.model, examples, 64)["accuracy"]
-                for split, examples in (("report", report), ("train", train_set))}
+    run_spec = kshot.spec(method, task, seed, lr, cfg["train"], cfg["method_options"].get(method), model=model)
+    return kshot.score_best(run_spec, folder, data, {"report": report, "train": train_set})
 
 
 def zero_shot(cfg, task, report, work, data, model=None) -> float:
