@@ -77,3 +77,23 @@ def test_every_verdict_of_the_synthetic_studies_passes_the_protocol_check():
     results = {"protocol": {"selection": ["a"], "report": ["b"]}, "table": script.table(runs, cfg),
                "verdicts": script.verdicts(runs, cfg)}
     assert pr.check_results(results) == []
+
+
+def test_efficiency_names_the_claims_it_could_not_read_instead_of_dropping_them():
+    script = _script("efficiency")
+    cfg = {"shapes": ["t5-small"], "batches": [1, 8], "methods": ["ft", "lora"]}
+    rows = []
+    for repeat in range(3):
+        for batch in (1, 8):
+            rows.append({"shape": "t5-small", "method": "lora", "batch": batch, "repeat": repeat,
+                         "peak_mib": 100.0 * batch, "backward_ms": 5.0 * batch})
+            if batch == 8:  # full fine-tuning runs out of memory at the large batch on every repeat
+                rows.append({"shape": "t5-small", "method": "ft", "batch": 8, "repeat": repeat, "error": "OOM"})
+            else:
+                rows.append({"shape": "t5-small", "method": "ft", "batch": 1, "repeat": repeat,
+                             "peak_mib": 300.0 + repeat, "backward_ms": 9.0})
+    unread = []
+    found = script.verdicts(rows, cfg, unread)
+    assert [v["id"] for v in found] == ["E1"] and found[0]["verdict"] == "agrees"
+    assert [u["id"] for u in unread] == ["E2", "E3"]  # both need FT at batch 8
+    assert all("every repeat of one side failed" in u["why"] and "t5-small, LR" in u["claim"] for u in unread)

@@ -131,7 +131,8 @@ def measure(cfg: dict, args) -> dict:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     return {"settings_used": cfg, "paper": PAPER, "protocol": {"data": pr.NO_DATA, "why": WHY}, "rows": rows,
-            "table": table(rows, cfg), "verdicts": verdicts(rows, cfg), "savings": savings(rows)}
+            "table": table(rows, cfg), "verdicts": verdicts(rows, cfg, unread := []), "unread": unread,
+            "savings": savings(rows)}
 
 
 def _values(rows: list[dict], shape: str, batch: int, method: str, quantity: str) -> dict[int, float]:
@@ -173,8 +174,10 @@ def _paired(a: dict[int, float], b: dict[int, float]) -> pr.Summary | None:
     return pr.paired_summary([a[i] for i in shared], [b[i] for i in shared]) if shared else None
 
 
-def verdicts(rows: list[dict], cfg: dict) -> list[dict]:
-    """E1–E3 of README.md, per shape and delta method, each by ``BetterRule`` on its paired difference."""
+def verdicts(rows: list[dict], cfg: dict, unread: list | None = None) -> list[dict]:
+    """E1–E3 of README.md, per shape and delta method, each by ``BetterRule`` on its paired difference. A claim
+    with nothing to pair (every repeat of one side failed, e.g. out of memory) gets no verdict; it is appended to
+    ``unread`` with the reason, so that results.json says which claims went unread rather than dropping them."""
     rule, out = pr.BetterRule(), []
     for shape in cfg["shapes"]:
         batches = batches_for(cfg, shape)
@@ -194,9 +197,13 @@ def verdicts(rows: list[dict], cfg: dict) -> list[dict]:
                     difference = _paired(_values(rows, shape, large, "ft", "backward_ms"),
                                          _values(rows, shape, large, method, "backward_ms"))
                     where = {"batch": large}
+                claim_text = f"{shape}, {LABELS.get(method, method)}: {claim}"
                 if difference is None:
-                    continue  # every repeat of a side failed (e.g. out of memory): no verdict to read
-                out.append({"id": claim_id, "claim": f"{shape}, {LABELS.get(method, method)}: {claim}",
+                    if unread is not None:
+                        unread.append({"id": claim_id, "claim": claim_text, "why": "no repeat measured both sides "
+                                       "(every repeat of one side failed; see the rows' errors)"})
+                    continue
+                out.append({"id": claim_id, "claim": claim_text,
                             "shape": shape, "method": method, **where, "quantity": quantity,
                             "rule": pr.rule_record(rule), "difference": difference.to_dict(),
                             "verdict": rule.verdict(difference)})
