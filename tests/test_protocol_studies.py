@@ -97,3 +97,21 @@ def test_efficiency_names_the_claims_it_could_not_read_instead_of_dropping_them(
     assert [v["id"] for v in found] == ["E1"] and found[0]["verdict"] == "agrees"
     assert [u["id"] for u in unread] == ["E2", "E3"]  # both need FT at batch 8
     assert all("every repeat of one side failed" in u["why"] and "t5-small, LR" in u["claim"] for u in unread)
+
+
+def test_performance_keeps_an_earlier_results_runs_only_for_the_same_setting(tmp_path):
+    import json
+
+    script = _script("performance")
+    setting = {"tasks": ["sst2"], "methods": ["ft"], "seeds": [13, 21, 42, 87]}
+    runs = [{"method": "ft", "task": "sst2", "seed": s, "report_accuracy": 0.7} for s in (13, 21)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"config": setting, "seeds": [13, 21], "runs": runs, "finished_utc": "then"}))
+    kept, provenance = script.kept_runs(str(path), setting, [13, 42, 87])
+    assert kept == runs[:1]  # only the seeds asked for; 42 and 87 are trained
+    assert provenance["kept_runs"]["seeds"] == [13] and provenance["kept_runs"]["finished_utc"] == "then"
+    assert script.kept_runs(None, setting, [13]) == ([], {})
+    with pytest.raises(ValueError, match=r"other settings \(methods differ"):
+        script.kept_runs(str(path), {**setting, "methods": ["ft", "lora"]}, [13])
+    with pytest.raises(ValueError, match="none of \\[42, 87\\]; nothing to keep"):
+        script.kept_runs(str(path), setting, [42, 87])

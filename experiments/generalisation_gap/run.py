@@ -35,6 +35,9 @@ def performance_study():
 
 def configure(p) -> None:
     p.add_argument("--seeds", help="comma-separated subset of the performance setting's seeds")
+    p.add_argument("--keep-runs", metavar="RESULTS_JSON",
+                   help="an earlier results.json of the performance study: the runs it holds are read as they are, "
+                        "instead of being trained again")
 
 
 def measure(cfg: dict, args) -> dict:
@@ -46,7 +49,8 @@ def measure(cfg: dict, args) -> dict:
                                "best_step", "steps")} for r in runs]
     return {"seeds": shared["seeds"], "paper": PAPER, "head": shared["head"], "model": shared["model"],
             "performance_setting": cfg["performance_setting"], "performance_config": setting,
-            "protocol": shared["protocol"], "rows": rows, "table": table(runs, setting, performance),
+            "protocol": shared["protocol"], **{k: shared[k] for k in ("kept_runs",) if k in shared},
+            "rows": rows, "table": table(runs, setting, performance),
             "verdicts": verdicts(runs, setting, performance), "compute_seconds": shared["compute_seconds"]}
 
 

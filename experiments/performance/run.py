@@ -45,6 +45,9 @@ FT = "ft"
 
 def configure(p) -> None:
     p.add_argument("--seeds", help="comma-separated subset of the setting's seeds to train, evaluate and report")
+    p.add_argument("--keep-runs", metavar="RESULTS_JSON",
+                   help="an earlier results.json of the same setting: the runs it holds (of the seeds asked for) "
+                        "join this run's table and verdicts as they are, instead of being trained again")
 
 
 def grid(cfg: dict, method: str) -> list[float]:
@@ -59,18 +62,43 @@ def measure(cfg: dict, args) -> dict:
     threads()
     # the report split drops what any seed of the setting trains or chooses on: the same whichever seeds run
     fitting, report, dropped = kshot.splits(cfg["tasks"], cfg["seeds"], args.data, cfg.get("report_examples"))
+    setting = cfg
     cfg = kshot.only_seeds(cfg, getattr(args, "seeds", None))
+    seeds = cfg["seeds"]
+    kept, provenance = kept_runs(getattr(args, "keep_runs", None), setting, seeds)
+    cfg = {**cfg, "seeds": [s for s in seeds if s not in {r["seed"] for r in kept}]}  # the seeds to train now
     work = work_dir("performance", args)
     runs = []
     for seed in cfg["seeds"]:  # seed outermost: an interrupted study already holds every method at the first seeds
         for task in cfg["tasks"]:
             for method in cfg["methods"]:
                 runs.append(chosen_run(cfg, method, task, seed, fitting, report, work, args.data))
+    runs = sorted(kept + runs, key=lambda r: seeds.index(r["seed"]))  # stable: the methods keep their order
+    cfg = {**cfg, "seeds": seeds}
     zero = {task: zero_shot(cfg, task, report[task], work, args.data) for task in cfg["tasks"]}
-    return {"seeds": cfg["seeds"], "paper": PAPER, "head": kshot.HEAD, "model": "all-MiniLM-L6-v2", "zero_shot": zero,
-            "protocol": kshot.protocol_record(fitting, report, dropped, cfg["seeds"]),
+    return {"seeds": seeds, "paper": PAPER, "head": kshot.HEAD, "model": "all-MiniLM-L6-v2", "zero_shot": zero,
+            "protocol": kshot.protocol_record(fitting, report, dropped, seeds), **provenance,
             "runs": runs, "table": table(runs, cfg), "verdicts": verdicts(runs, cfg),
             "compute_seconds": round(sum(r["seconds"] for r in runs), 1)}  # every lr of the grid
+
+
+def kept_runs(path: str | None, setting: dict, seeds: list[int]) -> tuple[list[dict], dict]:
+    """(runs, provenance) taken from an earlier results.json of the same setting (``--keep-runs``): its runs of
+    ``seeds``, which are then not trained again. Another setting's results, or a file holding none of ``seeds``,
+    is an error that says so."""
+    if not path:
+        return [], {}
+    stored = json.loads(Path(path).read_text())
+    if stored.get("config") != setting:
+        then = stored.get("config") or {}
+        changed = sorted(k for k in set(setting) | set(then) if setting.get(k) != then.get(k))
+        raise ValueError(f"--keep-runs {path} was made with other settings ({', '.join(changed)} differ from "
+                         "config.json's); its runs cannot join these")
+    runs = [r for r in stored["runs"] if r["seed"] in seeds]
+    if not runs:
+        raise ValueError(f"--keep-runs {path} holds seeds {stored['seeds']}, none of {seeds}; nothing to keep")
+    return runs, {"kept_runs": {"from": str(path), "seeds": sorted({r["seed"] for r in runs}),
+                                "finished_utc": stored.get("finished_utc"), "environment": stored.get("environment")}}
 
 
 def chosen_run(cfg, method, task, seed, fitting, report, work, data, model=None) -> dict:
