@@ -8,7 +8,8 @@ templated example reads exactly like span-corruption pre-training::
     target : <extra_id_0> great
 
 Without a template a T5 sees the T5 paper's task prefix ("sst2 sentence: …") and answers the task's own label
-word ("positive"); the combinations study compares the two (Ding et al. 2023, "with and without manual templates").
+word ("positive"); the paper's combinations study compares the two (Ding et al. 2023, "with and without manual
+templates"), which needs a pre-trained T5 (give one with ``--model``).
 """
 
 from __future__ import annotations
