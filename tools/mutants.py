@@ -332,6 +332,21 @@ MUTANTS = [
     Mutant("experiments/scale/run.py", "[a - b for a, b in zip(gap_small, gap_large)]",
            "[b - a for a, b in zip(gap_small, gap_large)]", "tests/test_protocol_studies.py",
            "the scale claims read the gap at the largest depth minus the smallest"),
+    Mutant("deltactl/experiments/kshot.py", 'key["after"] = json.loads(stored.read_text())["key"]', "pass",
+           "tests/test_experiment_combinations.py", "a sequential stage's cache ignores a changed earlier stage"),
+    Mutant("deltactl/experiments/kshot.py", "model=model,\n                        after=after)", "model=model)",
+           "tests/test_experiment_combinations.py", "a sequential stage trains without its earlier stage attached"),
+    Mutant("experiments/combinations/run.py", "chosen = max(singles, key=lambda r: (_score(r), -singles.index(r)))",
+           "chosen = max(singles, key=lambda r: r[\"report_accuracy\"])", "tests/test_experiment_combinations.py",
+           "the best single method is chosen on the report split"),
+    Mutant("experiments/combinations/run.py", 'verdict = "agrees" if 0 < helped < len(chains) else "disagrees"',
+           'verdict = "agrees" if helped > 0 else "disagrees"', "tests/test_experiment_combinations.py",
+           "the sequential reading agrees when every order helps"),
+    Mutant("experiments/efficiency/run.py", "unread.append(", "(", "tests/test_protocol_studies.py",
+           "efficiency drops an unreadable claim without saying so"),
+    Mutant("experiments/performance/run.py", 'runs = [r for r in stored["runs"] if r["seed"] in seeds]',
+           'runs = list(stored["runs"])', "tests/test_protocol_studies.py",
+           "--keep-runs keeps seeds that were not asked for"),
 ]
 
 
