@@ -44,9 +44,9 @@ REPORT_FOLDER_SEED = 13  # the LM-BFF folder whose test file is read: the GLUE S
 CONDITIONS = ("clean", "typo", "drop", "swap", "trigger")
 KINDS = {"plain": "prefix P_θ", "robust": "robust prefix P_θ + ψ"}
 PAPER = ("Yang & Liu, ICLR 2022 (GPT-2 medium prefix-tuning on SST-2, AG News, SNLI): the robust prefix keeps "
-         "clean accuracy (within about a point) and raises accuracy under every attack, by large margins under "
-         "universal adversarial triggers (e.g. SST-2 UAT from ~0.3 to ~0.8 and above) and clearly under "
-         "character (BUG) and word (PWWS, TextFooler) level attacks")
+         "clean accuracy comparable to the plain prefix and substantially raises accuracy under five attacks of "
+         "different types (character-, word- and sentence-level perturbations and universal adversarial triggers), "
+         "its widest margins under universal adversarial triggers")
 
 # The claims and rules of README.md, stated before the full run: (id, claim, condition, rule) on robust − plain
 MARGIN = 0.03
