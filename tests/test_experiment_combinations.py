@@ -38,7 +38,9 @@ def test_a_stage_starts_from_its_earlier_stage_and_trains_only_its_own_delta(tmp
     stage2 = load_file(str(tmp_path / "pb" / "best" / "trainable.safetensors"))
     assert stage1 and all("prompt" in n for n in stage1)
     assert stage2 and all("bitfit" in n for n in stage2)  # P stays frozen: the stage saves only its own δ
-    assert second["key"]["after"] == first["key"]  # a changed earlier stage gives this stage another key
+    # a changed earlier stage gives this stage another key: its settings, or its δ retrained under the same ones
+    assert second["key"]["after"]["key"] == first["key"]
+    assert second["key"]["after"]["delta"] == kshot.file_digest(tmp_path / "p" / "best" / "trainable.safetensors")
 
     # before it trains, the stage's model is the earlier stage's chosen model: BitFit starts at zero on top of P
     spec = kshot.spec("bitfit", "sst2", 13, 3e-3, TRAIN, None, after=tmp_path / "p")

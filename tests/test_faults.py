@@ -430,3 +430,22 @@ def test_half_written_run_files_name_the_file(tmp_path):
     (tmp_path / "run.json").write_text('{"method": "lora", "task"')
     with pytest.raises(ValueError, match=rf"{tmp_path / 'run.json'} is not a run record"):
         run.read_spec(tmp_path)
+
+
+def test_a_near_zero_loss_wandering_tenfold_is_not_a_blow_up(tmp_path):
+    """A run that has fitted its data sees its loss move between 1e-5 and 1e-3: large ratios, no divergence."""
+    from test_train_loop import CONFIG, run
+
+    from deltactl.train import loop
+
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss = model(**batch).loss
+        scale = 1e-3 if calls["n"] % 4 == 0 else 1e-5  # every fourth step 100× the others, all tiny
+        return loss * scale / loss.detach()
+
+    outcome, _ = run(tmp_path, CONFIG, loss_fn=loss_fn)
+    assert outcome.status == "finished" and outcome.steps == 13
+    assert loop._blown(20.0, 1.0) and not loop._blown(1e-3, 1e-5) and not loop._blown(0.9, 0.05)

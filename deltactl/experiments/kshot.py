@@ -88,15 +88,17 @@ def train_to_plateau(method: str, options: dict | None, task: str, seed: int, lr
     evaluations without a gain, at most ``train["max_epochs"]``); the record, cached in ``folder/result.json``.
     The best δ is in ``folder/best/trainable.safetensors`` and the spec in ``folder/run.json``, so a later stage
     can continue this one (``after``: an earlier stage's folder, its δ attached and frozen; the run's key holds
-    the earlier stage's key, so a changed earlier stage retrains this one); ``curve`` is the selection accuracy at
-    every evaluation. ``model``: a checkpoint folder other than the default backbone."""
+    the earlier stage's key and δ's hash, so a changed earlier stage retrains this one); ``curve`` is the selection
+    accuracy at every evaluation. ``model``: a checkpoint folder other than the default backbone."""
     key = {"task": task, "seed": seed, "lr": lr, "method": method, "options": options, "train": train,
            **({"model": str(model)} if model else {})}
     if after is not None:
         stored = Path(after) / "result.json"
         if not stored.exists():
             raise FileNotFoundError(f"{stored} is missing: train the earlier stage before the one that continues it")
-        key["after"] = json.loads(stored.read_text())["key"]
+        # the earlier stage's key and its δ itself: a stage retrained under the same key (say after a fix to the
+        # trainer) gives this stage another key, so it is never reused on top of a δ it was not trained on
+        key["after"] = {"key": json.loads(stored.read_text())["key"], "delta": file_digest(Path(after) / "best" / BEST)}
     with folder_lock(folder):  # two studies sharing runs (scale reads the performance study's) wait for each other
         return _train_to_plateau(key, method, options, task, seed, lr, train, fitting, folder, data, model, after)
 
@@ -154,6 +156,15 @@ def plateau(key: dict, folder: Path, prepare, train_set: list, dev_set: list, fi
               "seconds": round(time.perf_counter() - started, 1)}
     write_json(stored, record)
     return record
+
+
+def file_digest(path: Path) -> str:
+    """A content hash of a file (the first 16 hex digits of its SHA-256)."""
+    import hashlib
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} is missing: the earlier stage kept no best δ (or it was pruned); rerun it")
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def best_delta(folder: Path) -> dict:

@@ -185,7 +185,7 @@ def fit(
             # the loss of the global batch (each process holds its share's mean): every process sees the same
             # value, so all take the same decision below
             value = accelerator.reduce(loss.detach(), "mean").item() if state.num_processes > 1 else loss.item()
-            blown = math.isfinite(value) and len(recent) >= BLOW_UP_WINDOW // 2 and value > BLOW_UP * _median(recent)
+            blown = math.isfinite(value) and len(recent) >= BLOW_UP_WINDOW // 2 and _blown(value, _median(recent))
             if not math.isfinite(value) or too_small or blown:
                 status = "diverged"
                 kept = (
@@ -195,8 +195,9 @@ def fit(
                 what = (
                     f"the gradients overflowed float16 even without loss scaling (scale {scaler.get_scale():g})"
                     if too_small else
-                    f"the training loss jumped to {value:.4g}, over {BLOW_UP}× the median {_median(recent):.4g} of the "
-                    f"last {len(recent)} steps" if blown else f"the training loss became {value}"
+                    f"the training loss jumped to {value:.4g}, over {BLOW_UP}× and {BLOW_UP_RISE:g} above the median "
+                    f"{_median(recent):.4g} of the last {len(recent)} steps" if blown else
+                    f"the training loss became {value}"
                 )
                 advice = (
                     "The model computes in float16, whose range ends at 65504, and its forward or backward pass "
@@ -254,6 +255,14 @@ def fit(
 
 
 BLOW_UP, BLOW_UP_WINDOW = 10, 20  # a loss over 10× the median of the last (at least 10 of) 20 steps: diverged
+# ... and over 1 nat above it: a fitted run whose loss wanders between 1e-5 and 1e-4 (10×) has not diverged
+BLOW_UP_RISE = 1.0
+
+
+def _blown(value: float, median: float) -> bool:
+    """Whether a step's loss ``value`` is a blow-up against the recent ``median``: a jump by a factor and by an
+    absolute amount, since a ratio alone takes a memorising run's noise near zero loss for divergence."""
+    return value > BLOW_UP * median and value - median > BLOW_UP_RISE
 
 
 def _median(values: list[float]) -> float:

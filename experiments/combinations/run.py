@@ -139,7 +139,8 @@ def _score(record: dict) -> float:
 def _row(cfg, kind, name, parts, seed, lr, record, folder, report, data, seconds, selection_scores) -> dict:
     """The study's record of a chosen run; its report accuracy is cached beside the run, keyed by the split."""
     stored = folder / "evaluation.json"
-    key = {"report": pr.split_keys(report), "run": record["key"]}
+    key = {"report": pr.split_keys(report), "run": record["key"],
+           "delta": kshot.file_digest(folder / "best" / kshot.BEST)}  # a run retrained under its key is scored anew
     evaluation = json.loads(stored.read_text()) if stored.exists() else {}
     if evaluation.get("key") != key:
         run_spec = kshot.spec(record["method"], cfg["task"], seed, lr, cfg["train"], record["key"]["options"],
