@@ -170,6 +170,16 @@ def save_figure(fig, path, title: str | None = None) -> None:
     plt.close(fig)
 
 
+def finish_bars(ax, names: list[str], ylabel: str, title: str, rotation: int = 0) -> None:
+    """The common frame of a bar panel of accuracies: the bars' names, the 0.4–1.0 range, labels, legend, grid."""
+    ax.set_xticks(range(len(names)), names, rotation=rotation, fontsize=8 if rotation else None)
+    ax.set_ylim(0.4, 1.0)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+
+
 VERDICT_COLOURS = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}
 
 

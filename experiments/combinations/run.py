@@ -33,7 +33,7 @@ import json  # noqa: E402
 
 from deltactl.experiments import kshot, runner  # noqa: E402
 from deltactl.experiments import protocol as pr  # noqa: E402
-from deltactl.experiments.study import main, plot_verdicts, save_figure, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import finish_bars, main, plot_verdicts, save_figure, threads, work_dir  # noqa: E402
 
 LETTER = {"prompt": "P", "bitfit": "B", "adapter": "A"}
 BEST_SINGLE = "best single"  # per seed, the single method with the best selection accuracy
@@ -234,12 +234,8 @@ def plot(payload: dict, path: Path) -> None:
                yerr=[[cell["mean"] - cell["low"]], [cell["high"] - cell["mean"]]], capsize=3,
                label=row["kind"] if row["kind"] not in [r["kind"] for r in rows[:i]] else None)
     ax.axhline(payload["zero_shot"], color="grey", ls="--", lw=0.8, label="no δ (zero-shot)")
-    ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=40, fontsize=8)
-    ax.set_ylim(0.4, 1.0)
-    ax.set_ylabel("report accuracy", fontsize=8)
-    ax.set_title(f"{payload['task']} 16-shot: mean [95% CI] over splits {payload['seeds']}", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, axis="y")
+    finish_bars(ax, [r["method"] for r in rows], "report accuracy",
+                f"{payload['task']} 16-shot: mean [95% CI] over splits {payload['seeds']}", rotation=40)
     plot_verdicts(axes[1], payload["verdicts"], "difference a − b in report accuracy (95% bootstrap CI over seeds)")
     axes[1].set_title("claims (rules in experiments/combinations/README.md)", fontsize=9)
     save_figure(fig, path, f"combinations of P, B, A, all-MiniLM-L6-v2 ({payload.get('head')} head), "

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from deltactl.experiments import kshot  # noqa: E402
 from deltactl.experiments import protocol as pr  # noqa: E402
-from deltactl.experiments.study import main, plot_verdicts, save_figure, threads, work_dir  # noqa: E402
+from deltactl.experiments.study import finish_bars, main, plot_verdicts, save_figure, threads, work_dir  # noqa: E402
 
 LABELS = {"ft": "FT", "prompt": "PT", "prefix": "PF", "lora": "LR", "adapter": "AP", "bitfit": "BF",
           "last_layer": "LL", "selective": "SM"}
@@ -263,12 +263,7 @@ def plot(payload: dict, path: Path) -> None:
         if quantity == "report_accuracy":
             for k, (task, value) in enumerate(payload.get("zero_shot", {}).items()):
                 ax.axhline(value, color=f"C{k}", ls="--", lw=0.8, label=f"{task} without δ")
-        ax.set_xticks(range(len(methods)), [LABELS.get(m, m) for m in methods])
-        ax.set_ylim(0.4, 1.0)
-        ax.set_ylabel(what, fontsize=8)
-        ax.set_title(f"{what}: mean [95% CI] over seeds", fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3, axis="y")
+        finish_bars(ax, [LABELS.get(m, m) for m in methods], what, f"{what}: mean [95% CI] over seeds")
     plot_verdicts(axes[2], payload["verdicts"], "difference a − b (mean over tasks; 95% bootstrap CI over seeds)")
     axes[2].set_title("claims (rules in experiments/performance/README.md)", fontsize=9)
     save_figure(fig, path, f"performance and convergence, all-MiniLM-L6-v2 ({payload.get('head')} head), 16-shot "
