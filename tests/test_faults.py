@@ -449,3 +449,4 @@ def test_a_near_zero_loss_wandering_tenfold_is_not_a_blow_up(tmp_path):
     outcome, _ = run(tmp_path, CONFIG, loss_fn=loss_fn)
     assert outcome.status == "finished" and outcome.steps == 13
     assert loop._blown(20.0, 1.0) and not loop._blown(1e-3, 1e-5) and not loop._blown(0.9, 0.05)
+    assert not loop._blown(5.0, 3.0)  # more than a nat up, but not tenfold: noise of a loss near 3

@@ -115,3 +115,12 @@ def test_performance_keeps_an_earlier_results_runs_only_for_the_same_setting(tmp
         script.kept_runs(str(path), {**setting, "methods": ["ft", "lora"]}, [13])
     with pytest.raises(ValueError, match="none of \\[42, 87\\]; nothing to keep"):
         script.kept_runs(str(path), setting, [42, 87])
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps({**stored, "protocol": {"selection": ["a"], "report": ["r"]}}))
+    same = lambda seeds: {"selection": ["a"], "report": ["r"]}  # noqa: E731
+    assert script.kept_runs(str(path), setting, [13], same)[0] == runs[:1]
+    with pytest.raises(ValueError, match="its report split differs from the data read now"):
+        script.kept_runs(str(path), setting, [13], lambda seeds: {"selection": ["a"], "report": ["other"]})
+    path.write_text(json.dumps({**stored, "runs": runs + runs[:1]}))  # seed 13 twice
+    with pytest.raises(ValueError, match="one run per task and method"):
+        script.kept_runs(str(path), setting, [13, 21])

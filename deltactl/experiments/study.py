@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,7 +72,12 @@ def save_results(out: Path, payload: dict) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    path.write_text(json.dumps(payload, indent=1, default=_plain) + "\n")
+    # atomically: a kill mid-write leaves the old results (which --keep-runs may be reading) or the new, never half
+    handle, tmp = tempfile.mkstemp(dir=out, prefix=".results.json.", suffix=".tmp")
+    with os.fdopen(handle, "w") as stream:
+        stream.write(json.dumps(payload, indent=1, default=_plain) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
     return path
 
 

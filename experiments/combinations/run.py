@@ -121,6 +121,9 @@ def stage_run(cfg, order, lr, after, seed, fitting, report, work, data) -> dict:
     folder = work / "runs" / f"{cfg['task']}-seed{seed}-seq-{'-'.join(LETTER[m] for m in order)}-lr{lr:g}"
     record = kshot.train_to_plateau(method, _options(cfg, (method,)), cfg["task"], seed, lr, cfg["train"], fitting,
                                     folder, data, after=after)
+    if record["selection_accuracy"] is None:
+        raise ValueError(f"{chain_label(order)}, seed {seed}: the stage diverged before its first evaluation at lr "
+                         f"{lr:g} ({folder}); see its log.jsonl")
     return _row(cfg, "sequential", chain_label(order), order, seed, lr, record, folder, report, data,
                 seconds=record["seconds"], selection_scores={lr: record["selection_accuracy"]})
 

@@ -65,7 +65,8 @@ def measure(cfg: dict, args) -> dict:
     setting = cfg
     cfg = kshot.only_seeds(cfg, getattr(args, "seeds", None))
     seeds = cfg["seeds"]
-    kept, provenance = kept_runs(getattr(args, "keep_runs", None), setting, seeds)
+    kept, provenance = kept_runs(getattr(args, "keep_runs", None), setting, seeds,
+                                 lambda kept_seeds: kshot.protocol_record(fitting, report, dropped, kept_seeds))
     cfg = {**cfg, "seeds": [s for s in seeds if s not in {r["seed"] for r in kept}]}  # the seeds to train now
     work = work_dir("performance", args)
     runs = []
@@ -82,10 +83,12 @@ def measure(cfg: dict, args) -> dict:
             "compute_seconds": round(sum(r["seconds"] for r in runs), 1)}  # every lr of the grid
 
 
-def kept_runs(path: str | None, setting: dict, seeds: list[int]) -> tuple[list[dict], dict]:
+def kept_runs(path: str | None, setting: dict, seeds: list[int], splits_of=None) -> tuple[list[dict], dict]:
     """(runs, provenance) taken from an earlier results.json of the same setting (``--keep-runs``): its runs of
-    ``seeds``, which are then not trained again. Another setting's results, or a file holding none of ``seeds``,
-    is an error that says so."""
+    ``seeds``, which are then not trained again. ``splits_of(seeds)`` gives the protocol record of today's data for
+    those seeds: their selection and report splits must be the stored ones, so runs made on other data never join.
+    Another setting's results, other splits, a file holding none of ``seeds``, or a seed without exactly one run
+    per (task, method), is an error that says so."""
     if not path:
         return [], {}
     stored = json.loads(Path(path).read_text())
@@ -97,8 +100,20 @@ def kept_runs(path: str | None, setting: dict, seeds: list[int]) -> tuple[list[d
     runs = [r for r in stored["runs"] if r["seed"] in seeds]
     if not runs:
         raise ValueError(f"--keep-runs {path} holds seeds {stored['seeds']}, none of {seeds}; nothing to keep")
-    return runs, {"kept_runs": {"from": str(path), "seeds": sorted({r["seed"] for r in runs}),
-                                "finished_utc": stored.get("finished_utc"), "environment": stored.get("environment")}}
+    kept = sorted({r["seed"] for r in runs})
+    if splits_of is not None:
+        now, then = splits_of(stored["seeds"]), stored.get("protocol", {})
+        moved = [name for name in ("selection", "report") if now[name] != then.get(name)]
+        if moved:
+            raise ValueError(f"--keep-runs {path}: its {' and '.join(moved)} split differs from the data read now "
+                             "(another --data folder, or changed files); its runs cannot join these")
+    cells = [(r["seed"], r["task"], r["method"]) for r in runs]
+    wanted = {(s, t, m) for s in kept for t in setting["tasks"] for m in setting["methods"]}
+    if sorted(cells) != sorted(wanted):
+        raise ValueError(f"--keep-runs {path}: seeds {kept} should hold one run per task and method of the setting; "
+                         f"{len(cells)} runs for {len(wanted)} cells")
+    return runs, {"kept_runs": {"from": str(path), "seeds": kept, "finished_utc": stored.get("finished_utc"),
+                                "environment": stored.get("environment")}}
 
 
 def chosen_run(cfg, method, task, seed, fitting, report, work, data, model=None) -> dict:

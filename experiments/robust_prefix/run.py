@@ -205,12 +205,18 @@ def evaluation_key(cfg: dict, seed: int, lr: float, part: dict, report: list) ->
             "batch_size": cfg["batch_size"]}
 
 
+def scored_key(cfg: dict, seed: int, lr: float, part: dict, report: list, work: Path) -> dict:
+    """The evaluation's key and the hash of the δ it scores: a run retrained under the same key is scored anew."""
+    return {**evaluation_key(cfg, seed, lr, part, report),
+            "delta": kshot.file_digest(run_folder(work, seed, lr) / "best" / kshot.BEST)}
+
+
 def evaluate(cfg, seed, lr, part, report, work, data, tokenizer) -> dict:
     """Build the manifolds and triggers from the manifold examples, score every condition on the report split with
     and without the robust prefix; cached beside the chosen run (``evaluation.json``)."""
     folder = run_folder(work, seed, lr)
     stored = folder / "evaluation.json"
-    key = evaluation_key(cfg, seed, lr, part, report)
+    key = scored_key(cfg, seed, lr, part, report, work)
     if stored.exists() and json.loads(stored.read_text()).get("key") == key:
         return json.loads(stored.read_text())
     from deltactl.inference import RobustPrefix, fit_manifold
@@ -304,7 +310,7 @@ def one_seed(cfg, seed, part, report, work, data, tokenizer, train_it: bool) -> 
     if not train_it:
         stored = run_folder(work, seed, best) / "evaluation.json"
         if not (stored.exists() and json.loads(stored.read_text()).get("key") ==
-                evaluation_key(cfg, seed, best, part, report)):
+                scored_key(cfg, seed, best, part, report, work)):
             return None
     evaluation = evaluate(cfg, seed, best, part, report, work, data, tokenizer)
     return seed_row(seed, best, scores, records, evaluation)
