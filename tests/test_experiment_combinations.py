@@ -99,3 +99,40 @@ def test_table_rows_carry_intervals_over_seeds_and_duplicate_runs_are_refused():
     assert rows[1]["summary"]["mean"] == pytest.approx(0.75) and rows[1]["summary"]["n"] == 3
     with pytest.raises(ValueError, match="2 runs of P"):
         study.per_seed(runs + runs[:1], "P")
+
+
+def test_each_stage_continues_the_previous_stage_at_its_own_methods_chosen_lr(monkeypatch, tmp_path):
+    """measure's wiring: stage k of X→Y→Z trains on top of stage k−1's folder, at the lr method k won alone."""
+    import types
+
+    won = {"prompt": 0.01, "bitfit": 0.003, "adapter": 0.001}
+    calls = []
+
+    def chosen_run(cfg, parts, seed, fitting, report, work, data):
+        row = {"method": study.label(parts), "kind": "simultaneous", "parts": list(parts), "seed": seed,
+               "lr": won[parts[0]] if len(parts) == 1 else 1e-3, "folder": f"sim-{study.label(parts)}",
+               "report_accuracy": 0.7, "selection_accuracy": 0.7, "seconds": 1.0}
+        return row
+
+    def stage_run(cfg, order, lr, after, seed, fitting, report, work, data):
+        calls.append((study.chain_label(order), lr, str(after)))
+        return {"method": study.chain_label(order), "kind": "sequential", "parts": list(order), "seed": seed,
+                "lr": lr, "folder": f"seq-{study.chain_label(order)}", "report_accuracy": 0.7,
+                "selection_accuracy": 0.7, "seconds": 1.0}
+
+    monkeypatch.setattr(study, "chosen_run", chosen_run)
+    monkeypatch.setattr(study, "stage_run", stage_run)
+    monkeypatch.setattr(study.kshot, "splits", lambda *a: ({}, {"sst2": []}, {"sst2": 0}))
+    monkeypatch.setattr(study.kshot, "protocol_record", lambda *a: {"selection": [], "report": []})
+    monkeypatch.setattr(study.runner, "load_script", lambda name: types.SimpleNamespace(zero_shot=lambda *a: 0.5))
+    monkeypatch.setenv("DELTACTL_CACHE", str(tmp_path))
+    cfg = {"task": "sst2", "parts": ["prompt", "bitfit", "adapter"], "seeds": [13, 21, 42], "report_examples": 8}
+    args = types.SimpleNamespace(data=None, seeds=None, quick=False, setting=None)
+    study.measure(cfg, args)
+    assert len(calls) == 12 * 3
+    seed13 = {chain: (lr, after) for chain, lr, after in calls[:12]}
+    assert seed13["P→B"] == (won["bitfit"], "sim-P")  # stage 2: on P's chosen run, at B's own lr
+    assert seed13["P→B→A"] == (won["adapter"], "seq-P→B")  # stage 3: on stage 2, at A's own lr
+    assert seed13["A→P→B"] == (won["bitfit"], "seq-A→P")
+    assert set(seed13) == {"P→B", "P→B→A", "P→A", "P→A→B", "B→P", "B→P→A", "B→A", "B→A→P", "A→P", "A→P→B",
+                           "A→B", "A→B→P"}

@@ -347,6 +347,10 @@ MUTANTS = [
     Mutant("experiments/performance/run.py", 'runs = [r for r in stored["runs"] if r["seed"] in seeds]',
            'runs = list(stored["runs"])', "tests/test_protocol_studies.py",
            "--keep-runs keeps seeds that were not asked for"),
+    Mutant("experiments/combinations/run.py", 'after = Path(row["folder"])', "pass",
+           "tests/test_experiment_combinations.py -k continues", "every sequential stage trains on the first stage alone"),
+    Mutant("experiments/combinations/run.py", 'single[order[k]]["lr"]', 'single[order[0]]["lr"]',
+           "tests/test_experiment_combinations.py -k continues", "a stage trains at the first stage's lr, not its own method's"),
 ]
 
 
