@@ -351,6 +351,9 @@ MUTANTS = [
            "tests/test_experiment_combinations.py -k continues", "every sequential stage trains on the first stage alone"),
     Mutant("experiments/combinations/run.py", 'single[order[k]]["lr"]', 'single[order[0]]["lr"]',
            "tests/test_experiment_combinations.py -k continues", "a stage trains at the first stage's lr, not its own method's"),
+    Mutant("deltactl/train/loop.py", "return value > BLOW_UP * median and value - median > BLOW_UP_RISE",
+           "return value > BLOW_UP * median", "tests/test_faults.py -k wandering",
+           "a fitted run's loss wandering near zero is stopped as diverged"),
 ]
 
 
