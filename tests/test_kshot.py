@@ -50,3 +50,11 @@ def test_splits_keep_the_report_apart_from_every_file_a_choice_saw():
     assert not seen & set(record["report"])
     # a rerun draws the same report subset
     assert kshot.splits(["sst2", "mr"], [13, 21], DATA, 300)[1] == report
+
+
+def test_choose_lr_lets_a_diverged_run_lose_and_refuses_a_grid_that_all_diverged():
+    records = {1e-3: {"selection_accuracy": None}, 3e-3: {"selection_accuracy": 0.5}, 1e-2: {"selection_accuracy": 0.5}}
+    best, scores = kshot.choose_lr([1e-3, 3e-3, 1e-2], records, "lora, seed 13")
+    assert best == 3e-3 and scores == {1e-3: -1.0, 3e-3: 0.5, 1e-2: 0.5}  # ties go to the earlier lr
+    with pytest.raises(ValueError, match=r"lora, seed 13: every learning rate of \[0.001\] diverged"):
+        kshot.choose_lr([1e-3], records, "lora, seed 13")

@@ -336,7 +336,7 @@ MUTANTS = [
            "tests/test_experiment_combinations.py", "a sequential stage's cache ignores a retrained earlier δ"),
     Mutant("deltactl/experiments/kshot.py", "model=model,\n                        after=after)", "model=model)",
            "tests/test_experiment_combinations.py", "a sequential stage trains without its earlier stage attached"),
-    Mutant("experiments/combinations/run.py", "chosen = max(singles, key=lambda r: (_score(r), -singles.index(r)))",
+    Mutant("experiments/combinations/run.py", "chosen = max(singles, key=lambda r: (kshot.selection_score(r), -singles.index(r)))",
            "chosen = max(singles, key=lambda r: r[\"report_accuracy\"])", "tests/test_experiment_combinations.py",
            "the best single method is chosen on the report split"),
     Mutant("experiments/combinations/run.py", 'verdict = "agrees" if 0 < helped < len(chains) else "disagrees"',

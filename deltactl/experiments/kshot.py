@@ -175,6 +175,22 @@ def best_delta(folder: Path) -> dict:
     return load_file(str(path))
 
 
+def selection_score(record: dict) -> float:
+    """A run's selection accuracy; −1 for a run that diverged before its first evaluation (it kept no δ, so it loses
+    to any run that has a score)."""
+    return -1.0 if record["selection_accuracy"] is None else record["selection_accuracy"]
+
+
+def choose_lr(grid, records: dict, what: str) -> tuple:
+    """(best lr, scores by lr): the grid's run with the best selection accuracy (``protocol.select``, ties to the
+    earlier lr). Every run having diverged before its first evaluation is an error naming ``what`` ran."""
+    best, scores = pr.select(grid, lambda lr: selection_score(records[lr]))
+    if records[best]["selection_accuracy"] is None:
+        raise ValueError(f"{what}: every learning rate of {list(grid)} diverged before its first evaluation; give "
+                         "it a gentler grid in config.json")
+    return best, scores
+
+
 def score_best(run_spec, folder: Path, data, sets: dict) -> dict:
     """Accuracy of a run's best δ (restored into a model built from ``run_spec``, earlier stages included) on each
     named example list of ``sets``."""

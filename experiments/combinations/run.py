@@ -107,10 +107,7 @@ def chosen_run(cfg, parts, seed, fitting, report, work, data) -> dict:
         folders[lr] = work / "runs" / f"{cfg['task']}-seed{seed}-{label(parts)}-lr{lr:g}"
         records[lr] = kshot.train_to_plateau(method, options, cfg["task"], seed, lr, cfg["train"], fitting,
                                              folders[lr], data)
-    best, scores = pr.select(grid, lambda lr: _score(records[lr]))
-    if records[best]["selection_accuracy"] is None:
-        raise ValueError(f"{label(parts)}, seed {seed}: every learning rate of {grid} diverged before its first "
-                         f"evaluation ({folders[best]}); give it a gentler grid in config.json")
+    best, scores = kshot.choose_lr(grid, records, f"{label(parts)}, seed {seed} ({folders[grid[0]].parent})")
     return _row(cfg, "simultaneous", label(parts), parts, seed, best, records[best], folders[best], report, data,
                 seconds=sum(r["seconds"] for r in records.values()), selection_scores=scores)
 
@@ -133,10 +130,6 @@ def _options(cfg: dict, parts) -> dict | None:
     if len(parts) == 1:
         return cfg["method_options"].get(parts[0])
     return {p: cfg["method_options"][p] for p in parts if p in cfg["method_options"]} or None
-
-
-def _score(record: dict) -> float:
-    return -1.0 if record["selection_accuracy"] is None else record["selection_accuracy"]
 
 
 def _row(cfg, kind, name, parts, seed, lr, record, folder, report, data, seconds, selection_scores) -> dict:
@@ -169,7 +162,7 @@ def per_seed(runs: list[dict], method: str, field: str = "report_accuracy") -> l
     for seed in sorted({r["seed"] for r in runs}):
         if method == BEST_SINGLE:  # chosen per seed on the selection split; ties go to the earlier part
             singles = [r for r in runs if r["seed"] == seed and r["kind"] == "simultaneous" and len(r["parts"]) == 1]
-            chosen = max(singles, key=lambda r: (_score(r), -singles.index(r)))
+            chosen = max(singles, key=lambda r: (kshot.selection_score(r), -singles.index(r)))
             out.append(chosen[field])
             continue
         matches = [r[field] for r in runs if r["seed"] == seed and r["method"] == method]

@@ -154,9 +154,7 @@ def chosen_run(entry: dict, task: str, seed: int, point, cfg: dict, fitting: dic
     lrs = grid(cfg, point)
     records = {lr: train_to_plateau(entry, task, seed, point, lr, cfg, fitting,
                                     run_folder(work, entry["name"], task, seed, point, lr), data) for lr in lrs}
-    # a run that diverged before its first evaluation kept no δ: it scores below every run that has one
-    best, scores = pr.select(lrs, lambda lr: -1.0 if records[lr]["selection_accuracy"] is None
-                             else records[lr]["selection_accuracy"])
+    best, scores = kshot.choose_lr(lrs, records, f"{entry['name']} on {task}, seed {seed}, point {point}")
     folder = run_folder(work, entry["name"], task, seed, point, best)
     stored = folder / "evaluation.json"
     key = {"report": pr.split_keys(report[task]), "run": records[best]["key"]}

@@ -123,12 +123,8 @@ def chosen_run(cfg, method, task, seed, fitting, report, work, data, model=None)
     records = {lr: kshot.train_to_plateau(method, cfg["method_options"].get(method), task, seed, lr, cfg["train"],
                                           fitting, run_folder(work, task, method, seed, lr), data, model=model)
                for lr in grid(cfg, method)}
-    # a run that diverged before its first evaluation has no score: it loses to any that has one
-    best, scores = pr.select(grid(cfg, method), lambda lr: _score(records[lr]))
-    if records[best]["selection_accuracy"] is None:
-        raise ValueError(f"{method} on {task}, seed {seed}: every learning rate of {grid(cfg, method)} diverged "
-                         f"before its first evaluation ({run_folder(work, task, method, seed, best)}); give the "
-                         "method a gentler grid in config.json")
+    best, scores = kshot.choose_lr(grid(cfg, method), records, f"{method} on {task}, seed {seed} "
+                                   f"({run_folder(work, task, method, seed, grid(cfg, method)[0]).parent})")
     folder = run_folder(work, task, method, seed, best)
     stored = folder / "evaluation.json"
     key = {"report": pr.split_keys(report[task]), "train": pr.split_keys(fitting[(task, seed)]["train"])}
@@ -163,10 +159,6 @@ def chosen_run(cfg, method, task, seed, fitting, report, work, data, model=None)
     print(f"seed {seed} {task} {method}: lr {best:g}, report {row['report_accuracy']:.4f}, train "
           f"{row['train_accuracy']:.4f}, convergence {row['convergence']:.4f}, {row['steps']} steps", flush=True)
     return row
-
-
-def _score(record: dict) -> float:
-    return -1.0 if record["selection_accuracy"] is None else record["selection_accuracy"]
 
 
 def evaluate(cfg, method, task, seed, lr, folder, report, train_set, data, model=None) -> dict:

@@ -290,10 +290,6 @@ def seed_row(seed: int, lr: float, scores: dict, records: dict, evaluation: dict
             "robust_over_plain_time": round(tuned / plain, 2) if plain else None}
 
 
-def _score(record: dict) -> float:
-    return -1.0 if record["selection_accuracy"] is None else record["selection_accuracy"]
-
-
 def one_seed(cfg, seed, part, report, work, data, tokenizer, train_it: bool) -> dict | None:
     """The seed's row: train both learning rates (or, with ``train_it`` false, read them if finished), choose on
     the selection split, evaluate the chosen prefix; None for an unfinished seed that is not to be trained."""
@@ -304,9 +300,7 @@ def one_seed(cfg, seed, part, report, work, data, tokenizer, train_it: bool) -> 
         records = {lr: cached_training(cfg, seed, lr, part, work) for lr in grid}
         if any(r is None for r in records.values()):
             return None
-    best, scores = pr.select(grid, lambda lr: _score(records[lr]))
-    if records[best]["selection_accuracy"] is None:
-        raise ValueError(f"seed {seed}: every learning rate of {grid} diverged before its first evaluation")
+    best, scores = kshot.choose_lr(grid, records, f"the prefix of seed {seed}")
     if not train_it:
         stored = run_folder(work, seed, best) / "evaluation.json"
         if not (stored.exists() and json.loads(stored.read_text()).get("key") ==
