@@ -15,9 +15,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import os
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from deltactl.control import registry
+from deltactl.control.io import write_atomic
 from deltactl.experiments import protocol as pr
 from deltactl.experiments.finetune import subset
 from deltactl.tasks import get_task
@@ -208,14 +207,9 @@ def score_best(run_spec, folder: Path, data, sets: dict) -> dict:
 
 
 def write_json(path: Path, value) -> None:
-    """Write JSON atomically: a kill leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    # a temporary name of this writer's own: two processes writing the same file never replace each other's
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        out.write(json.dumps(value, indent=1) + "\n")
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; a result file is as readable as any other
-    os.replace(tmp, path)
+    """Write JSON atomically (``control.io.write_atomic``): a kill leaves the old file or the new one, never half of
+    one, and each process writes through a temporary name of its own."""
+    write_atomic(path, json.dumps(value, indent=1) + "\n")
 
 
 def only_seeds(cfg: dict, text: str | None) -> dict:

@@ -11,13 +11,13 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from deltactl.control.io import write_atomic
 from deltactl.tasks.data import cache_root
 
 
@@ -73,12 +73,7 @@ def save_results(out: Path, payload: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     # atomically: a kill mid-write leaves the old results (which --keep-runs may be reading) or the new, never half
-    handle, tmp = tempfile.mkstemp(dir=out, prefix=".results.json.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        stream.write(json.dumps(payload, indent=1, default=_plain) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(payload, indent=1, default=_plain) + "\n")
 
 
 def _plain(value):
